@@ -1,0 +1,138 @@
+"""``inject_zero_experts``: turn a family's static MoE layers into zero-aware ones.
+
+Two initialisations of the Z new router rows:
+
+- ``gaussian`` (reference rule): each new row is drawn from N(mean_d, std_d), the per-hidden-dim
+  mean and std of the existing rows; a selection bias is extended with its scalar mean and std.
+  Zero experts are picked from step 0; self-distillation repairs the damage.
+- ``preserve`` (function-preserving): new rows are 0. Softmax families get a learnable zero-row
+  logit offset of ``PRESERVE_LOGIT`` (-30): zero rows cannot win top-k unless every real logit
+  is below -30, and their softmax mass (< Z * e^-30 relative) leaves the logits unchanged to
+  float32 precision. Sigmoid families get a selection bias 2 below the smallest real one, which
+  no sigmoid score can overcome: zero experts are never selected until the bias is moved.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from zeda_core.errors import ZedaError
+from zeda_core.families import MoeFamily, family_for_config
+from zeda_core.moe import ZeroExpertMoeBlock, ZeroExpertRouter
+from zeda_core.spec import RoutingSpec, write_num_zero_experts
+
+ZeroInit = Literal["gaussian", "preserve"]
+ZERO_INITS: tuple[str, ...] = ("gaussian", "preserve")
+PRESERVE_LOGIT = -30.0
+ZERO_LOGIT_BIAS_KEY = "zeda_zero_logit_bias"
+_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+
+
+def sparse_blocks(model: nn.Module, family: MoeFamily) -> list[tuple[str, int, nn.Module]]:
+    """(qualified name, layer index, module) of every sparse MoE block of ``family`` in ``model``."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, ZeroExpertMoeBlock):
+            raise ZedaError(f"model is already zero-aware ({name}); convert the original checkpoint instead")
+        if type(module).__name__ == family.sparse_block:
+            match = _LAYER_INDEX.search(name + ".")
+            if match is None:
+                raise ZedaError(f"cannot tell the decoder layer of MoE block {name}")
+            found.append((name, int(match.group(1)), module))
+    return found
+
+
+def inject_zero_experts(
+    model: nn.Module,
+    num_zero_experts: int,
+    init: ZeroInit | None = "gaussian",
+    seed: int = 0,
+    progress: bool = False,
+) -> RoutingSpec:
+    """Replace every sparse MoE block of a HF causal LM by a zero-aware block, in place.
+
+    Args:
+        model: a Hugging Face causal LM of a supported family.
+        num_zero_experts: Z >= 0; 0 gives zero-aware blocks that route exactly like the original.
+        init: ``gaussian`` or ``preserve`` for the new router rows; ``None`` leaves them
+            uninitialised (the checkpoint loader fills them).
+        seed: seed of the ``gaussian`` draw.
+        progress: show a progress bar over the MoE layers.
+
+    Returns:
+        The routing spec now used by every MoE layer. ``model.config`` records Z with the
+        published ZEDA keys.
+    """
+    if num_zero_experts < 0:
+        raise ZedaError(f"number of zero experts must be >= 0, got {num_zero_experts}")
+    if init is not None and init not in ZERO_INITS:
+        raise ZedaError(f"unknown init {init!r}; choose one of {', '.join(ZERO_INITS)}")
+    config = model.config
+    family = family_for_config(config)
+    blocks = sparse_blocks(model, family)
+    if not blocks:
+        raise ZedaError(f"model of type {config.model_type!r} has no MoE layer to convert")
+    softmax_preserve = init == "preserve" and family.score_func == "softmax"
+    wants_offset = softmax_preserve or bool(getattr(config, ZERO_LOGIT_BIAS_KEY, False))
+    spec = family.routing_spec(config, num_zero_experts, zero_logit_bias=wants_offset)
+    generator = torch.Generator().manual_seed(seed)
+    for name, layer_idx, block in tqdm(blocks, desc="converting MoE layers", unit="layer", disable=not progress):
+        parent_name, _, attr = name.rpartition(".")
+        new_block = _zero_aware_block(block, family, spec, layer_idx)
+        if init is not None:
+            _init_zero_rows(new_block.gate, block.gate, spec, init, generator)
+        setattr(model.get_submodule(parent_name), attr, new_block)
+    if num_zero_experts:
+        zce: dict[str, object] = {ZERO_LOGIT_BIAS_KEY: spec.zero_logit_bias}
+        write_num_zero_experts(zce, num_zero_experts, mask=spec.mask_zero_experts)
+        for key, value in zce.items():
+            setattr(config, key, value)
+    return spec
+
+
+def _zero_aware_block(block: nn.Module, family: MoeFamily, spec: RoutingSpec, layer_idx: int) -> ZeroExpertMoeBlock:
+    old_gate = block.gate
+    hidden = old_gate.weight.shape[1]
+    with torch.device(old_gate.weight.device):
+        gate = ZeroExpertRouter(spec, hidden, dtype=old_gate.weight.dtype)
+    return ZeroExpertMoeBlock(
+        gate=gate,
+        experts=block.experts,
+        layer_idx=layer_idx,
+        shared_name=family.shared_name,
+        shared=getattr(block, family.shared_name) if family.shared_name else None,
+        shared_gate=block.shared_expert_gate if family.shared_gate else None,
+    )
+
+
+@torch.no_grad()
+def _init_zero_rows(
+    gate: ZeroExpertRouter, old_gate: nn.Module, spec: RoutingSpec, init: str, generator: torch.Generator
+) -> None:
+    n, z = spec.num_experts, spec.num_zero_experts
+    real_rows = old_gate.weight.detach()
+    gate.weight[:n] = real_rows
+    real_bias = old_gate.e_score_correction_bias.detach().float() if spec.selection_bias else None
+    if spec.selection_bias:
+        gate.e_score_correction_bias[:n] = real_bias
+    if z == 0:
+        return
+    if init == "gaussian":
+        std, mean = torch.std_mean(real_rows.float().cpu(), dim=0)
+        draw = torch.randn(z, real_rows.shape[1], generator=generator)
+        gate.weight[n:] = (mean + std * draw).to(gate.weight)
+        if spec.selection_bias:
+            bias_std, bias_mean = torch.std_mean(real_bias.cpu())
+            draw = torch.randn(z, generator=generator)
+            gate.e_score_correction_bias[n:] = (bias_mean + bias_std * draw).to(gate.e_score_correction_bias)
+    else:
+        gate.weight[n:] = 0.0
+        if spec.zero_logit_bias:
+            gate.zero_logit_bias.fill_(PRESERVE_LOGIT)
+        if spec.selection_bias:
+            gate.e_score_correction_bias[n:] = real_bias.min() - 2.0

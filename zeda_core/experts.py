@@ -1,0 +1,59 @@
+"""Grouped SwiGLU expert computation that never touches a zero slot.
+
+This is the torch reference of the fused MoE kernel and the CPU fast path: real slots are
+sorted by expert, each expert runs one GEMM pair over exactly its tokens, and zero slots are
+dropped before any GEMM. A batch whose slots are all zero performs no matrix multiply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def grouped_experts_forward(
+    hidden_states: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    zero_mask: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    act_fn: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+) -> torch.Tensor:
+    """Weighted sum over each token's real expert slots.
+
+    Args:
+        hidden_states: [T, H] token activations.
+        topk_ids: [T, K] expert ids; ids of zero slots are ignored.
+        topk_weights: [T, K] combine weights (float32 or the activation dtype).
+        zero_mask: [T, K] bool, True for zero slots (never computed).
+        gate_up_proj: [N, 2I, H] fused gate and up projections (gate rows first).
+        down_proj: [N, H, I] down projections.
+        act_fn: gate activation (SiLU for SwiGLU).
+
+    Returns:
+        [T, H] in the dtype of ``hidden_states``; rows of all-zero tokens are exactly 0.
+    """
+    out = torch.zeros_like(hidden_states)
+    real_slots = (~zero_mask).nonzero()
+    if real_slots.numel() == 0:
+        return out
+    token_idx, slot_idx = real_slots[:, 0], real_slots[:, 1]
+    expert_ids = topk_ids[token_idx, slot_idx]
+    order = torch.argsort(expert_ids, stable=True)
+    token_idx, slot_idx, expert_ids = token_idx[order], slot_idx[order], expert_ids[order]
+    counts = torch.bincount(expert_ids, minlength=gate_up_proj.shape[0]).tolist()
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = slice(start, start + count)
+        start += count
+        tokens = token_idx[rows]
+        gate, up = F.linear(hidden_states[tokens], gate_up_proj[expert]).chunk(2, dim=-1)
+        expert_out = F.linear(act_fn(gate) * up, down_proj[expert])
+        expert_out = expert_out * topk_weights[tokens, slot_idx[rows], None]
+        out.index_add_(0, tokens, expert_out.to(out.dtype))
+    return out

@@ -1,0 +1,123 @@
+"""Group auxiliary loss and distillation losses: pure functions on shape-documented tensors.
+
+Every function takes an optional token mask; masked positions (padding) never enter a loss or
+a ratio.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from zeda_core.errors import ZedaError
+from zeda_core.recording import RoutingRecorder
+
+
+def group_aux_target_ratio(num_experts: int, num_zero_experts: int, zero_group_weight: float = 2.0) -> float:
+    """Zero-slot share that minimises L_GA: ``w*Z / (w*Z + N)`` (0.5 for w = 2, Z = N/2)."""
+    weighted = zero_group_weight * num_zero_experts
+    return weighted / (weighted + num_experts)
+
+
+def group_aux_loss(
+    probs: torch.Tensor,
+    zero_mask: torch.Tensor,
+    num_experts: int,
+    token_mask: torch.Tensor | None = None,
+    zero_group_weight: float = 2.0,
+    alpha: float = 0.1,
+) -> torch.Tensor:
+    """L_GA of one layer: two groups (real experts, zero experts), nothing balanced inside a group.
+
+    ``L = alpha * (N + w*Z) / K * (f_E * P_E / N + f_Z * P_Z / (w*Z))`` where ``f`` is the share of
+    routed slots and ``P`` the mean routing probability of each group over real tokens.
+
+    Args:
+        probs: [..., N + Z] routing probabilities (softmax, or sum-normalised sigmoid).
+        zero_mask: [..., K] bool, True for slots routed to a zero expert.
+        num_experts: N.
+        token_mask: [...] bool, True for real tokens; ``None`` counts every position.
+        zero_group_weight: w; the loss is minimal at a zero share of ``w*Z / (w*Z + N)``.
+        alpha: loss coefficient.
+
+    Returns:
+        Scalar loss; gradient flows through ``probs`` only. 0 when no real token is present.
+    """
+    num_zero = probs.shape[-1] - num_experts
+    if num_zero < 1:
+        raise ZedaError(f"group loss needs zero experts: probs has {probs.shape[-1]} rows for N={num_experts}")
+    if probs.shape[:-1] != zero_mask.shape[:-1]:
+        raise ZedaError(f"probs {list(probs.shape)} and zero_mask {list(zero_mask.shape)} disagree on tokens")
+    top_k = zero_mask.shape[-1]
+    probs = probs.reshape(-1, probs.shape[-1])
+    zero_mask = zero_mask.reshape(-1, top_k)
+    if token_mask is not None:
+        keep = token_mask.reshape(-1).bool()
+        probs, zero_mask = probs[keep], zero_mask[keep]
+    tokens = probs.shape[0]
+    if tokens == 0:
+        return probs.sum() * 0.0
+    f_zero = zero_mask.float().sum() / (tokens * top_k)
+    f_real = 1.0 - f_zero
+    mean_probs = probs.sum(dim=0) / tokens
+    p_real, p_zero = mean_probs[:num_experts].sum(), mean_probs[num_experts:].sum()
+    weighted_zero = zero_group_weight * num_zero
+    scale = alpha * (num_experts + weighted_zero) / top_k
+    return scale * (f_real * p_real / num_experts + f_zero * p_zero / weighted_zero)
+
+
+def group_aux_loss_over_layers(
+    recorder: RoutingRecorder, num_experts: int, zero_group_weight: float = 2.0, alpha: float = 0.1
+) -> torch.Tensor:
+    """L_GA averaged over the MoE layers of a recorded forward (recorded with ``keep_probs=True``)."""
+    if not recorder.layers or recorder.layers[0].probs is None:
+        raise ZedaError("the forward was not recorded with keep_probs=True")
+    losses = [
+        group_aux_loss(layer.probs, layer.zero_mask, num_experts, recorder.token_mask, zero_group_weight, alpha)
+        for layer in recorder.layers
+    ]
+    return torch.stack(losses).mean()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """[B, S, V] logits and [B, S] token ids -> [B, S] float32 log-probabilities of those tokens."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return values.mean()
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def forward_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor | None = None):
+    """Mean over tokens of KL(p_teacher || p_student); logits [B, S, V], mask [B, S]."""
+    teacher = torch.log_softmax(teacher_logits.float(), dim=-1)
+    student = torch.log_softmax(student_logits.float(), dim=-1)
+    per_token = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)
+    return _masked_mean(per_token, mask)
+
+
+def reverse_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor | None = None):
+    """Mean over tokens of KL(p_student || p_teacher); logits [B, S, V], mask [B, S]."""
+    return forward_kl(student_logits, teacher_logits, mask)
+
+
+def opd_advantage(
+    teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-token on-policy distillation advantage ``log p_T(y_t) - log p_S(y_t)``.
+
+    This is minus the single-sample estimate of the reverse KL at each sampled token.
+
+    Args:
+        teacher_logprobs: [B, S] teacher log-probs of the sampled tokens.
+        student_logprobs: [B, S] student log-probs of the same tokens (at sampling time).
+        mask: [B, S] bool, True on generated tokens; 0 elsewhere.
+
+    Returns:
+        [B, S] float32 advantages, detached (a reward, not a path for gradients).
+    """
+    advantage = (teacher_logprobs.float() - student_logprobs.float()).detach()
+    return advantage if mask is None else advantage * mask.to(advantage.dtype)

@@ -1,0 +1,113 @@
+"""Zero-aware MoE block that replaces a family's sparse MoE block in a Hugging Face model.
+
+Parameter names stay those of the family (``mlp.gate.weight``, ``mlp.experts.gate_up_proj``,
+``mlp.experts.down_proj``, ``mlp.shared_expert(s)...``), so checkpoints keep the family's layout;
+only the gate gains Z rows. The block owns its expert computation (it never relies on the
+transformers experts dispatch, which computes sentinel ids) and reports its routing to the
+active :class:`~zeda_core.recording.RoutingRecorder`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zeda_core.experts import grouped_experts_forward
+from zeda_core.recording import active_recorder
+from zeda_core.routing import Routing, route
+from zeda_core.spec import RoutingSpec
+
+
+class ZeroExpertRouter(nn.Module):
+    """Router over N real + Z zero experts.
+
+    Holds ``weight`` [N + Z, H], plus ``e_score_correction_bias`` [N + Z] (float32 buffer) for
+    families with a selection bias, and ``zero_logit_bias`` [Z] (float32) when the softmax
+    ``preserve`` init needs it. Router logits are computed in float32 for every family.
+    """
+
+    def __init__(self, spec: RoutingSpec, hidden_size: int, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.weight = nn.Parameter(torch.empty(spec.num_rows, hidden_size, dtype=dtype))
+        if spec.selection_bias:
+            self.register_buffer("e_score_correction_bias", torch.zeros(spec.num_rows, dtype=torch.float32))
+        if spec.zero_logit_bias:
+            self.zero_logit_bias = nn.Parameter(torch.zeros(spec.num_zero_experts, dtype=torch.float32))
+
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[T, H] -> [T, N + Z] float32 router logits."""
+        logits = F.linear(hidden_states.float(), self.weight.float())
+        if self.spec.zero_logit_bias:
+            n = self.spec.num_experts
+            logits = torch.cat([logits[:, :n], logits[:, n:] + self.zero_logit_bias], dim=-1)
+        return logits
+
+    def forward(self, hidden_states: torch.Tensor, forced_ids: torch.Tensor | None = None) -> Routing:
+        """[T, H] -> :class:`Routing` of the T tokens."""
+        bias = self.e_score_correction_bias if self.spec.selection_bias else None
+        return route(self.logits(hidden_states), self.spec, selection_bias=bias, forced_ids=forced_ids)
+
+
+class ZeroExpertMoeBlock(nn.Module):
+    """Routed experts that skip zero slots, plus the family's shared expert(s) if any.
+
+    Args:
+        gate: the zero-aware router.
+        experts: the family's experts module; its ``gate_up_proj`` [N, 2I, H], ``down_proj``
+            [N, H, I] and ``act_fn`` are used, its forward never is.
+        layer_idx: decoder layer index (routing replay and per-layer statistics).
+        shared_name: attribute name of the shared expert module (``shared_expert`` or
+            ``shared_experts``), kept so that weight names match the family's.
+        shared: the shared expert module, run on every token.
+        shared_gate: Qwen2-MoE's ``shared_expert_gate`` (sigmoid gate on the shared output).
+    """
+
+    def __init__(
+        self,
+        gate: ZeroExpertRouter,
+        experts: nn.Module,
+        layer_idx: int,
+        shared_name: str | None = None,
+        shared: nn.Module | None = None,
+        shared_gate: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.gate = gate
+        self.experts = experts
+        self.layer_idx = layer_idx
+        self.shared_name = shared_name
+        if shared is not None:
+            self.add_module(shared_name, shared)
+        if shared_gate is not None:
+            self.shared_expert_gate = shared_gate
+
+    @property
+    def spec(self) -> RoutingSpec:
+        return self.gate.spec
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[B, S, H] -> [B, S, H]."""
+        batch, seq, hidden = hidden_states.shape
+        flat = hidden_states.reshape(-1, hidden)
+        recorder = active_recorder()
+        forced = recorder.forced_ids(self.layer_idx, batch, seq) if recorder is not None else None
+        routing = self.gate(flat, forced_ids=forced)
+        if recorder is not None:
+            recorder.add(self.layer_idx, routing, batch, seq)
+        out = grouped_experts_forward(
+            flat,
+            routing.topk_ids,
+            routing.topk_weights,
+            routing.zero_mask,
+            self.experts.gate_up_proj,
+            self.experts.down_proj,
+            self.experts.act_fn,
+        )
+        if self.shared_name is not None:
+            shared_out = getattr(self, self.shared_name)(flat)
+            if hasattr(self, "shared_expert_gate"):
+                shared_out = torch.sigmoid(self.shared_expert_gate(flat)) * shared_out
+            out = out + shared_out
+        return out.view(batch, seq, hidden)
