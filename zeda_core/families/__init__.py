@@ -20,7 +20,10 @@ def family_for_model_type(model_type: str) -> MoeFamily:
     base = model_type.removesuffix(PLUS_PLUS)
     if base not in FAMILIES:
         supported = ", ".join(sorted(FAMILIES))
-        raise ZedaError(f"unsupported model family {model_type!r}; supported MoE families: {supported}")
+        raise ZedaError(
+            f"model type {model_type!r} is not a supported MoE family (dense models have no experts to skip); "
+            f"supported: {supported}"
+        )
     return FAMILIES[base]
 
 

@@ -1,0 +1,121 @@
+"""Group auxiliary loss and distillation losses."""
+
+import pytest
+import torch
+
+from zeda_core import (
+    ZedaError,
+    forward_kl,
+    group_aux_loss,
+    group_aux_loss_over_layers,
+    group_aux_target_ratio,
+    inject_zero_experts,
+    opd_advantage,
+    record_routing,
+    reverse_kl,
+    token_logprobs,
+)
+
+N, Z, K, T = 8, 4, 4, 60
+
+
+def batch_with_zero_share(share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """probs [T, N+Z] and zero_mask [T, K] whose zero-slot share and zero probability mass are ``share``."""
+    zero_slots = round(share * T * K)
+    zero_mask = torch.zeros(T * K, dtype=torch.bool)
+    zero_mask[:zero_slots] = True
+    exact = zero_slots / (T * K)
+    probs = torch.cat([torch.full((T, N), (1 - exact) / N), torch.full((T, Z), exact / Z)], dim=-1)
+    return probs, zero_mask.view(T, K)
+
+
+@pytest.mark.parametrize("weight", [1.0, 2.0, 3.0])
+def test_minimum_over_zero_share_is_the_target(weight: float) -> None:
+    shares = torch.arange(0, T * K + 1) / (T * K)
+    losses = torch.stack(
+        [group_aux_loss(*batch_with_zero_share(float(s)), N, zero_group_weight=weight) for s in shares]
+    )
+    best = float(shares[int(losses.argmin())])
+    assert best == pytest.approx(group_aux_target_ratio(N, Z, weight), abs=1.0 / (T * K))
+
+
+def test_reference_target_is_one_half() -> None:
+    assert group_aux_target_ratio(128, 64, 2.0) == 0.5
+
+
+def test_formula_value() -> None:
+    probs, zero_mask = batch_with_zero_share(0.25)
+    value = group_aux_loss(probs, zero_mask, N, zero_group_weight=2.0, alpha=0.1)
+    expected = 0.1 * (N + 2 * Z) / K * (0.75 * 0.75 / N + 0.25 * 0.25 / (2 * Z))
+    assert float(value) == pytest.approx(expected, rel=1e-6)
+
+
+def test_gradcheck_float64() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(10, N + Z, dtype=torch.float64, generator=g, requires_grad=True)
+    zero_mask = torch.rand(10, K, generator=g) < 0.4
+    mask = torch.ones(10, dtype=torch.bool)
+    mask[7:] = False
+    assert torch.autograd.gradcheck(
+        lambda x: group_aux_loss(torch.softmax(x, -1), zero_mask, N, token_mask=mask), (logits,)
+    )
+
+
+def test_padding_changes_neither_loss_nor_ratio() -> None:
+    probs, zero_mask = batch_with_zero_share(0.3)
+    padded_probs = torch.cat([probs, torch.full((5, N + Z), 0.0).index_fill(1, torch.arange(N, N + Z), 1 / Z)])
+    padded_zero = torch.cat([zero_mask, torch.ones(5, K, dtype=torch.bool)])
+    mask = torch.cat([torch.ones(T, dtype=torch.bool), torch.zeros(5, dtype=torch.bool)])
+    assert torch.equal(
+        group_aux_loss(padded_probs, padded_zero, N, token_mask=mask), group_aux_loss(probs, zero_mask, N)
+    )
+    assert group_aux_loss(padded_probs, padded_zero, N) != group_aux_loss(probs, zero_mask, N)
+
+
+def test_loss_over_layers_from_a_recorded_forward() -> None:
+    from family_checks import tiny_model, token_batch
+
+    model = tiny_model("qwen3_moe")
+    inject_zero_experts(model, 4, init="gaussian", seed=3)
+    tokens = token_batch()
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[0, 6:] = False
+    with record_routing(token_mask=mask, keep_probs=True) as recorder:
+        model(tokens)
+    loss = group_aux_loss_over_layers(recorder, num_experts=8)
+    per_layer = [group_aux_loss(layer.probs[mask], layer.zero_mask[mask], 8) for layer in recorder.layers]
+    torch.testing.assert_close(loss, torch.stack(per_layer).mean())
+    loss.backward()
+    gate = recorder.layers[0]
+    assert gate.probs.requires_grad
+    assert model.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
+
+
+def test_group_loss_needs_zero_experts() -> None:
+    with pytest.raises(ZedaError, match="needs zero experts"):
+        group_aux_loss(torch.rand(3, N), torch.zeros(3, K, dtype=torch.bool), N)
+
+
+def test_kl_divergences() -> None:
+    g = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(2, 3, 11, generator=g), torch.randn(2, 3, 11, generator=g)
+    p, q = torch.softmax(teacher, -1), torch.softmax(student, -1)
+    expected_fwd = (p * (p.log() - q.log())).sum(-1)
+    expected_rev = (q * (q.log() - p.log())).sum(-1)
+    torch.testing.assert_close(forward_kl(teacher, student), expected_fwd.mean())
+    torch.testing.assert_close(reverse_kl(teacher, student), expected_rev.mean())
+    mask = torch.tensor([[True, False, True], [False, False, True]])
+    torch.testing.assert_close(forward_kl(teacher, student, mask), expected_fwd[mask].mean())
+    assert float(forward_kl(teacher, teacher)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_opd_advantage_is_teacher_minus_student_logprob() -> None:
+    g = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(2, 4, 7, generator=g), torch.randn(2, 4, 7, generator=g, requires_grad=True)
+    tokens = torch.randint(0, 7, (2, 4), generator=g)
+    lp_t, lp_s = token_logprobs(teacher, tokens), token_logprobs(student, tokens)
+    mask = torch.tensor([[False, True, True, True], [False, False, True, True]])
+    adv = opd_advantage(lp_t, lp_s, mask)
+    assert not adv.requires_grad
+    torch.testing.assert_close(adv, ((lp_t - lp_s) * mask).detach())
+    assert adv[0, 0] == 0 and adv[1, 1] == 0

@@ -1,0 +1,1 @@
+"""The ``zeda`` command line: one subcommand module each."""
