@@ -186,3 +186,17 @@ def test_unsupported_zero_compute_types(tmp_path: Path) -> None:
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ZedaError, match=r"\['copy'\] are not supported"):
         load_model(path)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "glm4_moe_lite"])
+def test_preserve_round_trip(tmp_path: Path, model_type: str) -> None:
+    model = tiny_model(model_type)
+    expected = logits(model)
+    inject_zero_experts(model, 4, init="preserve")
+    path = save_model(model, tmp_path / "preserve")
+    reloaded = load_model(path)
+    torch.testing.assert_close(logits(reloaded), expected, rtol=0, atol=1e-5)
+    state = load_file(path / "model.safetensors")
+    has_offset = any(k.endswith("gate.zero_logit_bias") for k in state)
+    assert has_offset == (model_type == "qwen3_moe")  # softmax families only
+    assert json.loads((path / "config.json").read_text())["zeda_zero_logit_bias"] == has_offset
