@@ -12,6 +12,10 @@ def softmax_spec(norm: bool = True, **kw) -> RoutingSpec:
     return RoutingSpec(num_experts=4, num_zero_experts=2, top_k=2, score_func="softmax", norm_topk_prob=norm, **kw)
 
 
+def sigmoid_spec(**kw) -> RoutingSpec:
+    return RoutingSpec(score_func="sigmoid", norm_topk_prob=True, selection_bias=True, topk_sorted=False, **kw)
+
+
 def test_zero_slot_weight_is_dropped_not_renormalised() -> None:
     # Row 0: real expert 1 and zero expert 4 win; row 1: two real experts win.
     logits = torch.tensor([[0.0, 2.0, 0.0, 0.0, 1.0, 0.0], [3.0, 0.0, 2.0, 0.0, 0.0, 0.0]])
@@ -38,16 +42,7 @@ def test_all_zero_token() -> None:
 
 
 def test_sigmoid_bias_selects_but_does_not_weigh() -> None:
-    spec = RoutingSpec(
-        num_experts=4,
-        num_zero_experts=2,
-        top_k=2,
-        score_func="sigmoid",
-        norm_topk_prob=True,
-        routed_scaling_factor=1.8,
-        selection_bias=True,
-        topk_sorted=False,
-    )
+    spec = sigmoid_spec(num_experts=4, num_zero_experts=2, top_k=2, routed_scaling_factor=1.8)
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5, 0.0]])
     bias = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 0.0])  # lifts zero expert 4 into the top-2
     r = route(logits, spec, selection_bias=bias)
@@ -60,17 +55,7 @@ def test_sigmoid_bias_selects_but_does_not_weigh() -> None:
 
 
 def test_group_limit_applies_to_real_experts_only() -> None:
-    spec = RoutingSpec(
-        num_experts=4,
-        num_zero_experts=1,
-        top_k=2,
-        score_func="sigmoid",
-        norm_topk_prob=True,
-        selection_bias=True,
-        n_group=2,
-        topk_group=1,
-        topk_sorted=False,
-    )
+    spec = sigmoid_spec(num_experts=4, num_zero_experts=1, top_k=2, n_group=2, topk_group=1)
     # group {0,1} wins; expert 2 (other group) is masked although its score is second best;
     # zero expert 4 stays eligible and wins the second slot.
     logits = torch.tensor([[4.0, -4.0, 3.0, -4.0, 3.5]])
