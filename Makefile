@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.zeda-installed
 
-.PHONY: serve test lint
+.PHONY: serve test lint teacher
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,3 +26,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# Rebuild the committed tiny teacher from scratch (data, tokenizer, pretraining; ~25 min on 2 cores).
+teacher: $(STAMP)
+	rm -rf build/runs/tiny-teacher
+	$(VENV)/bin/zeda data build --out build/data --seed 0 --overwrite
+	$(VENV)/bin/zeda train teacher --config trainer/configs/tiny-teacher.yaml
+	$(VENV)/bin/zeda eval --model models/tiny-teacher --data build/data

@@ -5,12 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from family_checks import tiny_model, token_batch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from zeda_core import ZedaError, checkpoint_config, inject_zero_experts, load_model, save_model
 from zeda_core import checkpoint as checkpoint_module
+
+from family_checks import tiny_model, token_batch
 
 
 def logits(model, tokens=None):

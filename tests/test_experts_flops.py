@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from family_checks import tiny_model, token_batch
 from torch.utils.flop_counter import FlopCounterMode
 
 from zeda_core import (
@@ -16,6 +15,8 @@ from zeda_core import (
     inject_zero_experts,
     record_routing,
 )
+
+from family_checks import tiny_model, token_batch
 
 H, D, N, K = 32, 16, 8, 2  # hidden, expert intermediate, real experts, top-k
 

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
+from zeda_core.atomic import atomic_directory
 from zeda_core.convert import inject_zero_experts
 from zeda_core.errors import ZedaError
 from zeda_core.families import MoeFamily, family_for_config
@@ -124,21 +124,13 @@ def save_model(
     Tokenizer and generation files are copied from ``side_files_from`` when given.
     """
     out = Path(out_dir).expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise ZedaError(f"output {out} already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out, overwrite=overwrite) as tmp:
         if side_files_from is not None:
             for item in side_files_from.iterdir():
                 if item.is_file() and SIDE_FILES.match(item.name):
                     shutil.copy2(item, tmp / item.name)
         (tmp / CONFIG_FILE).write_text(json.dumps(checkpoint_config(model), indent=2, sort_keys=True) + "\n")
         _write_weights(_unique_state_dict(model), tmp, max_shard_size)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -255,14 +247,3 @@ def _write_weights(state: dict[str, torch.Tensor], directory: Path, max_shard_si
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (directory / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move ``tmp`` to ``out``; an existing ``out`` is removed only after the new one is in place."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)

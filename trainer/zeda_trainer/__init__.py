@@ -1,0 +1,1 @@
+"""ZEDA trainer: local data, tokenizer, teacher pretraining, evaluation and self-distillation."""

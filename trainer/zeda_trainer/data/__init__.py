@@ -1,0 +1,1 @@
+"""Deterministic local data: a synthetic skills suite and Python standard-library code and prose."""

@@ -1,0 +1,266 @@
+"""``zeda eval``: skill accuracy, perplexity, and served routing / expert FLOPs of a model.
+
+Routing figures are measured as served: each prompt token once at prefill, each generated token
+once at decode (generation), and each text token once (perplexity passes, like a prefill).
+Padding never counts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from zeda_core.checkpoint import load_model, resolve_checkpoint
+from zeda_core.errors import ZedaError
+from zeda_core.flops import FlopModel, flop_report
+from zeda_core.recording import record_routing
+from zeda_trainer.data.packing import read_jsonl
+from zeda_trainer.generation import generate
+
+SCORERS = ("exact", "regex")
+PERPLEXITY_WINDOW = 256
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One eval prompt with its reference ``answer`` (a literal, or a regex for ``scorer=regex``)."""
+
+    prompt: str
+    answer: str
+    skill: str
+    scorer: str = "exact"
+
+    def correct(self, output: str) -> bool:
+        if self.scorer == "regex":
+            return re.fullmatch(self.answer, output.strip()) is not None
+        return output.strip() == self.answer.strip()
+
+
+def load_eval_set(path: Path) -> list[EvalItem]:
+    """Read a JSONL eval set: ``prompt``, ``answer``, optional ``scorer`` (exact|regex) and ``skill``.
+
+    Raises:
+        ZedaError: naming the file and line of the first bad record.
+    """
+    if not path.is_file():
+        raise ZedaError(f"eval set {path} does not exist")
+    items = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ZedaError(f"{where}: invalid JSON ({exc.msg})") from exc
+        if not isinstance(record, dict):
+            raise ZedaError(f"{where}: each line must be a JSON object")
+        for field in ("prompt", "answer"):
+            if not isinstance(record.get(field), str):
+                raise ZedaError(f"{where}: missing or non-string field {field!r}")
+        scorer = record.get("scorer", "exact")
+        if scorer not in SCORERS:
+            raise ZedaError(f"{where}: scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
+        if scorer == "regex":
+            try:
+                re.compile(record["answer"])
+            except re.error as exc:
+                raise ZedaError(f"{where}: answer is not a valid regex ({exc})") from exc
+        items.append(EvalItem(record["prompt"], record["answer"], str(record.get("skill", path.stem)), scorer))
+    if not items:
+        raise ZedaError(f"eval set {path} has no records")
+    return items
+
+
+def load_any_model(path: str | Path) -> tuple[torch.nn.Module, bool]:
+    """(model, zero_aware): a supported MoE through zeda_core, any other HF causal LM as it is."""
+    checkpoint = resolve_checkpoint(path)
+    try:
+        return load_model(checkpoint), True
+    except ZedaError as exc:
+        if "not a supported MoE family" not in str(exc):
+            raise
+    try:
+        return AutoModelForCausalLM.from_pretrained(checkpoint, use_safetensors=True).eval(), False
+    except (OSError, ValueError) as exc:
+        raise ZedaError(f"cannot load {checkpoint} as a causal LM: {exc}") from exc
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """Token ids of a user prompt: the chat template when the tokenizer has one, else raw text."""
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": prompt}]
+        return list(
+            tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        )
+    return tokenizer(prompt).input_ids
+
+
+class RoutingTally:
+    """Routed-slot counts and processed tokens accumulated per domain."""
+
+    def __init__(self, flop_model: FlopModel | None) -> None:
+        self.flop_model = flop_model
+        self.counts: dict[str, torch.Tensor] = {}
+        self.tokens: Counter[str] = Counter()
+
+    def add(self, domain: str, counts: torch.Tensor | None, tokens: int) -> None:
+        if counts is None:
+            return
+        self.counts[domain] = self.counts.get(domain, torch.zeros_like(counts)) + counts
+        self.tokens[domain] += tokens
+
+    def summary(self, domains: list[str] | None = None) -> dict[str, Any] | None:
+        names = [d for d in (domains or list(self.counts)) if d in self.counts]
+        if self.flop_model is None or not names:
+            return None
+        report = flop_report(sum(self.counts[d] for d in names), sum(self.tokens[d] for d in names), self.flop_model)
+        return {
+            "zero_expert_ratio": report.zero_expert_ratio,
+            "expert_flops_per_token": report.expert_flops_per_token,
+            "dense_expert_flops_per_token": report.dense_expert_flops / report.tokens,
+            "tokens": report.tokens,
+            "per_layer_zero_ratio": list(report.per_layer_zero_ratio),
+        }
+
+
+@torch.no_grad()
+def negative_log_likelihood(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    tally: RoutingTally,
+    domain: str,
+    batch_size: int = 16,
+) -> tuple[float, int]:
+    """(summed NLL in nats, predicted tokens) over ``texts``, in windows of PERPLEXITY_WINDOW tokens
+    that start with BOS; routing of every text token is added to ``tally`` under ``domain``."""
+    windows = []
+    for ids in tokenizer(texts, add_special_tokens=False).input_ids:
+        for start in range(0, len(ids), PERPLEXITY_WINDOW - 1):
+            piece = ids[start : start + PERPLEXITY_WINDOW - 1]
+            if piece:
+                windows.append([tokenizer.bos_token_id, *piece] if tokenizer.bos_token_id is not None else piece)
+    total_nll, total_tokens = 0.0, 0
+    zero_aware = tally.flop_model is not None
+    for start in range(0, len(windows), batch_size):
+        chunk = windows[start : start + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, window in enumerate(chunk):
+            ids[row, : len(window)], mask[row, : len(window)] = torch.tensor(window), 1
+        with record_routing(token_mask=mask.bool()) as recorder:
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float().cpu()
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        target_mask = mask[:, 1:].float()
+        total_nll += float((nll * target_mask).sum())
+        total_tokens += int(target_mask.sum())
+        if zero_aware:
+            tally.add(domain, recorder.slot_counts().sum(0), int(mask.sum()))
+    return total_nll, total_tokens
+
+
+def perplexity_of(nll: float, tokens: int) -> float:
+    """exp(mean NLL per token); NaN when there was no token."""
+    return math.exp(nll / tokens) if tokens else float("nan")
+
+
+def unigram_perplexity(tokenizer: PreTrainedTokenizerBase, train: list[str], texts: list[str]) -> float:
+    """Perplexity of an add-one unigram model fit on ``train`` tokens: the no-context baseline."""
+    counts = Counter(token for ids in tokenizer(train, add_special_tokens=False).input_ids for token in ids)
+    total, vocab = sum(counts.values()), len(tokenizer)
+    eval_ids = [token for ids in tokenizer(texts, add_special_tokens=False).input_ids for token in ids]
+    nll = -sum(math.log((counts[t] + 1) / (total + vocab)) for t in eval_ids)
+    return math.exp(nll / max(len(eval_ids), 1))
+
+
+def evaluate(
+    model_path: str | Path,
+    data_dir: Path,
+    eval_set: Path | None = None,
+    text: Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 64,
+    max_new_tokens: int = 64,
+) -> dict[str, Any]:
+    """Evaluate a model; the result follows the ``zeda eval --json`` schema."""
+    if text is not None and not text.is_file():
+        raise ZedaError(f"--text {text} is not a file")
+    items = load_eval_set(eval_set or data_dir / "skills" / "test.jsonl")
+    if limit is not None:
+        kept: Counter[str] = Counter()
+        limited = []
+        for item in items:
+            kept[item.skill] += 1
+            if kept[item.skill] <= limit:
+                limited.append(item)
+        items = limited
+    model, zero_aware = load_any_model(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(model_path))
+    tally = RoutingTally(FlopModel.from_model(model) if zero_aware else None)
+
+    budgets = [
+        min(max_new_tokens, len(tokenizer(i.answer, add_special_tokens=False).input_ids) + 8)
+        if i.scorer == "exact"
+        else max_new_tokens
+        for i in items
+    ]
+    generations = generate(
+        model,
+        [prompt_ids(tokenizer, i.prompt) for i in items],
+        budgets,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        batch_size=batch_size,
+    )
+    right: dict[str, list[bool]] = defaultdict(list)
+    for item, gen in zip(items, generations, strict=True):
+        right[item.skill].append(item.correct(tokenizer.decode(gen.tokens, skip_special_tokens=True)))
+        tally.add(item.skill, gen.slot_counts, gen.processed_tokens)
+    skills = {name: {"accuracy": sum(v) / len(v), "n": len(v)} for name, v in sorted(right.items())}
+
+    validation = read_jsonl(data_dir / "text" / "validation.jsonl")
+    train = read_jsonl(data_dir / "text" / "train.jsonl")
+    by_domain, unigram, nll_total, token_total = {}, {}, 0.0, 0
+    for domain in sorted({row["domain"] for row in validation}):
+        texts = [row["text"] for row in validation if row["domain"] == domain]
+        nll, tokens = negative_log_likelihood(model, tokenizer, texts, tally, domain)
+        by_domain[domain] = perplexity_of(nll, tokens)
+        nll_total, token_total = nll_total + nll, token_total + tokens
+        unigram[domain] = unigram_perplexity(tokenizer, [r["text"] for r in train if r["domain"] == domain], texts)
+    text_ppl = None
+    if text is not None:
+        text_ppl = perplexity_of(*negative_log_likelihood(model, tokenizer, [text.read_text()], tally, "text"))
+
+    skill_names = list(skills)
+    overall = tally.summary()
+    return {
+        "model": str(model_path),
+        "skills": skills,
+        "mean_accuracy": sum(s["accuracy"] for s in skills.values()) / len(skills),
+        "perplexity": {
+            "validation": perplexity_of(nll_total, token_total),
+            "text": text_ppl,
+            "validation_by_domain": by_domain,
+            "unigram_validation_by_domain": unigram,
+        },
+        "zero_expert_ratio": overall["zero_expert_ratio"] if overall else None,
+        "expert_flops_per_token": overall["expert_flops_per_token"] if overall else None,
+        "dense_expert_flops_per_token": overall["dense_expert_flops_per_token"] if overall else None,
+        "routing": {
+            "overall": overall,
+            "skills": tally.summary(skill_names),
+            "domains": {d: tally.summary([d]) for d in [*skill_names, *by_domain, *(["text"] if text else [])]},
+        }
+        if overall
+        else None,
+    }

@@ -1,0 +1,186 @@
+"""Pretrain the tiny Qwen3-MoE teacher on the local data with accelerate.
+
+One process on CPU, one GPU, or several processes under ``accelerate launch`` (each takes its
+share of every global batch). Resumable at any checkpoint with exactly the same data order.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from pydantic import BaseModel, ConfigDict
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup
+
+from zeda_core.checkpoint import save_model
+from zeda_trainer.checkpointing import load_latest_checkpoint, save_checkpoint
+from zeda_trainer.data.build import build_dataset
+from zeda_trainer.data.packing import global_batch_rows, pack_blocks, pretraining_documents, read_jsonl
+from zeda_trainer.metrics import MetricsLog, plot_metrics
+from zeda_trainer.tokenizer import chat_text, train_tokenizer
+
+
+class TeacherShape(BaseModel):
+    """Qwen3-MoE dimensions of the tiny teacher."""
+
+    model_config = ConfigDict(extra="forbid")
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 32
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 256
+    vocab_size: int = 1024
+    max_position_embeddings: int = 1024
+    router_aux_loss_coef: float = 0.01
+
+
+class PretrainConfig(BaseModel):
+    """Teacher pretraining recipe (YAML keys; CLI flags override them)."""
+
+    model_config = ConfigDict(extra="forbid")
+    data_dir: Path = Path("build/data")
+    data_seed: int = 0
+    run_dir: Path = Path("build/runs/tiny-teacher")
+    out: Path = Path("models/tiny-teacher")
+    seed: int = 0
+    shape: TeacherShape = TeacherShape()
+    block_size: int = 256
+    batch_size: int = 32
+    max_steps: int = 2000
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    log_every: int = 10
+    checkpoint_every: int = 200
+
+
+def prepare_tokenizer(config: PretrainConfig):
+    """The run's tokenizer, trained on the training split once and reused on resume."""
+    directory = config.run_dir / "tokenizer"
+    if (directory / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(directory)
+    skills = read_jsonl(config.data_dir / "skills" / "train.jsonl")[::20]
+    texts = [row["text"] for row in read_jsonl(config.data_dir / "text" / "train.jsonl")]
+    tokenizer = train_tokenizer(
+        [*texts, *(chat_text(r["prompt"], r["answer"]) for r in skills)], config.shape.vocab_size
+    )
+    tokenizer.save_pretrained(directory)
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def build_teacher(config: PretrainConfig, tokenizer) -> torch.nn.Module:
+    shape = config.shape.model_dump()
+    model_config = AutoConfig.for_model(
+        "qwen3_moe",
+        **shape,
+        intermediate_size=4 * shape["hidden_size"],
+        norm_topk_prob=True,
+        output_router_logits=True,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(config.seed)
+    return AutoModelForCausalLM.from_config(model_config)
+
+
+def pretrain(config: PretrainConfig, resume: bool = False) -> Path:
+    """Train the teacher; returns the directory of the saved model (``config.out``)."""
+    accelerator = Accelerator()
+    if accelerator.is_main_process and not (config.data_dir / "manifest.json").is_file():
+        build_dataset(config.data_dir, seed=config.data_seed)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        prepare_tokenizer(config)
+    accelerator.wait_for_everyone()
+    tokenizer = prepare_tokenizer(config)
+    blocks = pack_blocks(tokenizer, pretraining_documents(config.data_dir), config.block_size, config.seed)
+    model = build_teacher(config, tokenizer)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=(0.9, 0.95),
+    )
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, config.warmup_steps, config.max_steps, min_lr_rate=config.min_lr_ratio
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    state = load_latest_checkpoint(accelerator, config.run_dir) if resume else None
+    start = state["step"] if state else 0
+    log = MetricsLog(
+        config.run_dir / "metrics.jsonl", resume_step=start if resume else None, enabled=accelerator.is_main_process
+    )
+    model.train()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    progress = tqdm(
+        range(start, config.max_steps),
+        initial=start,
+        total=config.max_steps,
+        desc="pretrain",
+        disable=not accelerator.is_main_process,
+    )
+    tick, tokens_seen = time.perf_counter(), 0
+    for step in progress:
+        rows = global_batch_rows(step, config.batch_size, blocks.shape[0], config.seed)[rank::world]
+        batch = blocks[rows].to(accelerator.device)
+        loss = model(input_ids=batch, labels=batch).loss
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_seen += batch.numel() * world
+        done = step + 1
+        if done % config.log_every == 0 or done == config.max_steps:
+            mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
+            elapsed = time.perf_counter() - tick
+            record = {
+                "step": done,
+                "loss": mean_loss,
+                "lr": scheduler.get_last_lr()[0],
+                "tokens_per_s": tokens_seen / elapsed,
+                "epoch": done * config.batch_size / blocks.shape[0],
+            }
+            log.log(record)
+            progress.set_postfix(loss=f"{mean_loss:.3f}")
+            tick, tokens_seen = time.perf_counter(), 0
+        if done % config.checkpoint_every == 0 or done == config.max_steps:
+            save_checkpoint(accelerator, config.run_dir, done, {"blocks": int(blocks.shape[0])})
+    if accelerator.is_main_process:
+        _save_teacher(accelerator.unwrap_model(model), config, log)
+    accelerator.wait_for_everyone()
+    return config.out
+
+
+def _save_teacher(model: torch.nn.Module, config: PretrainConfig, log: MetricsLog) -> None:
+    model.config.output_router_logits = False
+    model.eval()
+    out = save_model(model, config.out, overwrite=True, side_files_from=config.run_dir / "tokenizer")
+    records = log.records()
+    plot_metrics(records, ["loss", "lr", "tokens_per_s"], config.run_dir / "curves.png", "tiny teacher pretraining")
+    params = sum(p.numel() for p in model.parameters())
+    shape = config.shape
+    expert = 3 * shape.hidden_size * shape.moe_intermediate_size
+    active = params - shape.num_hidden_layers * (shape.num_experts - shape.num_experts_per_tok) * expert
+    training = {
+        "command": shlex.join(["zeda", *sys.argv[1:]]) if sys.argv else "",
+        "config": json.loads(config.model_dump_json()),
+        "parameters": params,
+        "active_parameters": active,
+        "final": records[-1] if records else None,
+    }
+    (out / "training.json").write_text(json.dumps(training, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,26 @@
+"""``zeda train``: pretrain the tiny teacher (SFT and OPD arrive with the trainer)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("train", help="train models", description=__doc__)
+    stages = parser.add_subparsers(dest="stage", required=True)
+    teacher = stages.add_parser("teacher", help="pretrain the tiny Qwen3-MoE teacher on the local data")
+    teacher.add_argument("--config", type=Path, default=Path("trainer/configs/tiny-teacher.yaml"), help="YAML recipe")
+    teacher.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    teacher.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    teacher.set_defaults(run=run_teacher)
+
+
+def run_teacher(args: argparse.Namespace) -> int:
+    from zeda_trainer.pretrain import PretrainConfig, pretrain
+    from zeda_trainer.recipes import load_recipe
+
+    config = load_recipe(PretrainConfig, args.config, args.set)
+    out = pretrain(config, resume=args.resume)
+    print(f"teacher written to {out}")
+    return 0
