@@ -12,12 +12,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Until the HTTP server lands, `make serve` runs the loop that exists: build a tiny teacher,
-# convert it, and measure its routing and expert-FLOP savings.
+# Until the HTTP server lands, `make serve` runs the loop that exists: convert the committed
+# tiny teacher and measure the routing and expert-FLOP savings of the result.
 DEMO := build/demo
 serve: $(STAMP)
-	$(VENV)/bin/zeda tiny --family qwen3_moe --out $(DEMO)/teacher --overwrite
-	$(VENV)/bin/zeda convert --model $(DEMO)/teacher --zero-experts 4 --init gaussian --out $(DEMO)/zeda --overwrite
+	$(VENV)/bin/zeda convert --model models/tiny-teacher --zero-experts 4 --init gaussian --out $(DEMO)/zeda --overwrite
 	$(VENV)/bin/zeda inspect --model $(DEMO)/zeda
 
 test: $(STAMP)

@@ -1,6 +1,16 @@
-"""Session fixtures: a small local dataset and a reduced teacher trained on it (about a minute)."""
+"""Session fixtures: a small local dataset and a reduced teacher trained on it (about a minute).
 
+Without a CUDA device, Triton kernels run in its interpreter on CPU tensors; the variable must be
+set before Triton is first imported.
+"""
+
+import os
 from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 

@@ -159,7 +159,7 @@ def test_eval_of_a_dense_model(small_teacher: Path, small_data: Path, tmp_path: 
         ('{"prompt": "a", "answer": "b", "scorer": "fuzzy"}\n', ":1: scorer must be one of exact, regex"),
         ('{"prompt": "a", "answer": "(", "scorer": "regex"}\n', ":1: answer is not a valid regex"),
         ("[1, 2]\n", ":1: each line must be a JSON object"),
-        ("\n", "has no records"),
+        ("\n", " has no records"),
     ],
 )
 def test_bad_eval_set_names_file_and_line(tmp_path: Path, content: str, message: str) -> None:

@@ -7,7 +7,7 @@ neither the server nor the trainer.
 from zeda_core.checkpoint import checkpoint_config, load_model, save_model
 from zeda_core.convert import ZERO_INITS, inject_zero_experts
 from zeda_core.errors import ZedaError
-from zeda_core.experts import grouped_experts_forward
+from zeda_core.experts import experts_forward, grouped_experts_forward, set_experts_backend
 from zeda_core.families import FAMILIES, MoeFamily, family_for_config, family_for_model_type
 from zeda_core.flops import FlopModel, FlopReport, expert_slot_flops, flop_report
 from zeda_core.losses import (
@@ -40,6 +40,7 @@ __all__ = [
     "active_recorder",
     "checkpoint_config",
     "expert_slot_flops",
+    "experts_forward",
     "family_for_config",
     "family_for_model_type",
     "flop_report",
@@ -56,6 +57,7 @@ __all__ = [
     "reverse_kl",
     "route",
     "save_model",
+    "set_experts_backend",
     "token_logprobs",
     "write_num_zero_experts",
 ]

@@ -57,3 +57,33 @@ def grouped_experts_forward(
         expert_out = expert_out * topk_weights[tokens, slot_idx[rows], None]
         out.index_add_(0, tokens, expert_out.to(out.dtype))
     return out
+
+
+ExpertsFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Callable], torch.Tensor
+]
+_backend: ExpertsFn = grouped_experts_forward
+
+
+def set_experts_backend(backend: ExpertsFn | None) -> None:
+    """Route every zero-aware MoE block's expert computation through ``backend``.
+
+    It takes the arguments of :func:`grouped_experts_forward`; ``None`` restores that torch path.
+    ``zeda_kernels.use_triton_experts()`` installs the Triton kernels this way, keeping
+    ``zeda_core`` free of any kernel import.
+    """
+    global _backend
+    _backend = backend or grouped_experts_forward
+
+
+def experts_forward(
+    hidden_states: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    zero_mask: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    act_fn: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+) -> torch.Tensor:
+    """The installed experts backend (default :func:`grouped_experts_forward`); same arguments."""
+    return _backend(hidden_states, topk_ids, topk_weights, zero_mask, gate_up_proj, down_proj, act_fn)

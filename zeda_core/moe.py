@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zeda_core.experts import grouped_experts_forward
+from zeda_core.experts import experts_forward
 from zeda_core.recording import active_recorder
 from zeda_core.routing import Routing, route
 from zeda_core.spec import RoutingSpec
@@ -96,7 +96,7 @@ class ZeroExpertMoeBlock(nn.Module):
         routing = self.gate(flat, forced_ids=forced)
         if recorder is not None:
             recorder.add(self.layer_idx, routing, batch, seq)
-        out = grouped_experts_forward(
+        out = experts_forward(
             flat,
             routing.topk_ids,
             routing.topk_weights,

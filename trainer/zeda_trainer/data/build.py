@@ -28,19 +28,34 @@ from zeda_core.atomic import atomic_directory
 from zeda_trainer.data.skills import EVAL_GENERATORS, SKILLS, Example
 from zeda_trainer.data.stdlib import code_chunks, docstrings, split_of, stdlib_files, stdlib_root
 
-DATA_VERSION = 1
+DATA_VERSION = 2
 SPLITS = ("train", "validation", "test")
 TEXT_PROMPT_CHARS = 200
+HELD_OUT_TEXT_CHARS = {"code": 300_000, "prose": 100_000}  # per held-out split
+
+
+# Train examples per skill, relative to ``train_per_skill``. Skills that a tiny model learns in a
+# few thousand steps (copy, reverse, brackets) get less; multi-digit arithmetic gets most.
+SKILL_WEIGHTS = {
+    "addition": 2.7,
+    "subtraction": 1.3,
+    "multiplication": 1.3,
+    "copy": 0.35,
+    "reverse": 0.35,
+    "sort": 0.7,
+    "brackets": 0.35,
+    "recall": 0.95,
+}
 
 
 @dataclass(frozen=True)
 class DataSizes:
-    """How much of each part to build."""
+    """How much of each part to build; skill ``s`` gets ``train_per_skill * SKILL_WEIGHTS[s]`` examples."""
 
-    train_per_skill: int = 50_000
+    train_per_skill: int = 55_000
     eval_per_skill: int = 200
-    code_train_chars: int = 6_000_000
-    prose_train_chars: int = 2_000_000
+    code_train_chars: int = 4_000_000
+    prose_train_chars: int = 1_500_000
     sft_prompts_per_skill: int = 1_000
     opd_prompts_per_skill: int = 300
     sft_text_prompts: int = 1_000
@@ -116,7 +131,10 @@ def _skill_splits(seed: int, sizes: DataSizes) -> dict[str, list[dict[str, Any]]
             )
         rng = random.Random(seed * 1000 + index * 10)
         splits["train"] += _skill_rows(
-            skill, _draw_examples(SKILLS[skill], rng, sizes.train_per_skill, taken, distinct=False)
+            skill,
+            _draw_examples(
+                SKILLS[skill], rng, round(sizes.train_per_skill * SKILL_WEIGHTS[skill]), taken, distinct=False
+            ),
         )
     return splits
 
@@ -129,6 +147,13 @@ def _text_splits(seed: int, sizes: DataSizes) -> dict[str, list[dict[str, Any]]]
         split = split_of(path.relative_to(root).as_posix(), seed)
         docs[split]["code"] += code_chunks(source)
         docs[split]["prose"] += docstrings(source)
+    # The stdlib repeats some chunks and docstrings verbatim across files: keep each text in the
+    # first split that has it (train, then validation, then test), so no text crosses splits.
+    seen: set[str] = set()
+    for split in SPLITS:
+        for domain, texts in docs[split].items():
+            docs[split][domain] = [text for text in dict.fromkeys(texts) if text not in seen]
+        seen.update(text for texts in docs[split].values() for text in texts)
     rng = random.Random(seed)
     caps = {"code": sizes.code_train_chars, "prose": sizes.prose_train_chars}
     splits: dict[str, list[dict[str, Any]]] = {}
@@ -136,7 +161,7 @@ def _text_splits(seed: int, sizes: DataSizes) -> dict[str, list[dict[str, Any]]]
         rows = []
         for domain, texts in docs[split].items():
             rng.shuffle(texts)
-            budget = caps[domain] if split == "train" else caps[domain] // 20
+            budget = caps[domain] if split == "train" else HELD_OUT_TEXT_CHARS[domain]
             kept = 0
             for text in texts:
                 if kept >= budget:

@@ -1,0 +1,84 @@
+"""The kernel benchmark and tuner scripts: output contract, BENCHMARKS.md section, tuned configs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from zeda_kernels import configs
+from zeda_kernels.benchmarking import SHAPES, make_routings, traffic_bound
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIRED = {"shape", "tokens", "r", "ratio_vs_dense", "ratio_vs_remap", "compute_bound", "traffic_bound"}
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "kernels" / "bench" / script), *args], capture_output=True, text=True, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_routings_have_the_asked_zero_share_and_bounds() -> None:
+    routings = make_routings(64, SHAPES["qwen3-30b-a3b"], 0.5, seed=0, device="cpu")
+    assert routings["zero"].zero.float().mean() == 0.5
+    assert not routings["dense"].zero.any() and not routings["remap"].zero.any()
+    assert bool((routings["remap"].ids[routings["zero"].zero] == 0).all())
+    assert 1.0 < traffic_bound(routings) < 1.3  # decode-sized batches are bound by weight traffic
+    single = make_routings(1, SHAPES["qwen3-30b-a3b"], 0.5, seed=0, device="cpu")
+    assert traffic_bound(single) == 2.0
+
+
+def test_moe_bench_json_and_markdown(tmp_path: Path) -> None:
+    out = tmp_path / "BENCHMARKS.md"
+    args = ["--device", "cpu", "--shapes", "tiny-teacher", "--tokens", "1,16", "--ratios", "0,0.5", "--repeats", "1"]
+    done = run("moe.py", *args, "--json", "--write", str(out))
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(rows) == 4 and all(set(row) >= REQUIRED for row in rows)
+    assert {row["compute_bound"] for row in rows} == {1.0, 2.0}
+    first = out.read_text()
+    assert first.count("<!-- bench:moe:cpu -->") == 1 and "| tiny-teacher | 16 | 0.50 |" in first
+    run("moe.py", *args, "--write", str(out))
+    assert out.read_text().count("<!-- bench:moe:cpu -->") == 1  # the section is replaced, not repeated
+
+
+def test_moe_bench_bad_arguments() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "kernels/bench/moe.py"), "--shapes", "nope"], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "unknown shape(s) ['nope']" in done.stderr
+
+
+def test_tuner_writes_configs_that_pick_config_uses(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "tuned.json"
+    run(
+        "tune.py",
+        "--device",
+        "cpu",
+        "--shapes",
+        "tiny-teacher",
+        "--tokens",
+        "4",
+        "--candidates",
+        "2",
+        "--repeats",
+        "1",
+        "--out",
+        str(out),
+    )
+    table = json.loads(out.read_text())
+    key = "cpu|N=8,H=128,I=256|float32"
+    assert list(table) == [key] and table[key][0][0] == 4
+    monkeypatch.setattr(configs, "TUNED_FILE", out)
+    configs._tuned.cache_clear()
+    try:
+        picked = configs.pick_config(torch.device("cpu"), 8, 128, 256, torch.float32, tokens=3, real_slots=3)
+        assert picked == configs.GemmConfig(*table[key][0][1:])
+        assert configs.pick_config(torch.device("cpu"), 8, 128, 256, torch.float32, 99, 99) == configs.fallback_config(
+            99 / 8
+        )
+    finally:
+        configs._tuned.cache_clear()
