@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 import pytest
 
 from zeda_trainer.data.build import DataSizes, build_dataset
+from zeda_trainer.loop import OptimConfig
 from zeda_trainer.pretrain import PretrainConfig, TeacherShape, pretrain
 
 SMALL_SIZES = DataSizes(
@@ -47,11 +48,7 @@ def small_teacher_config(data_dir: Path, run_dir: Path, out: Path, max_steps: in
         ),
         block_size=96,
         batch_size=16,
-        max_steps=max_steps,
-        warmup_steps=5,
-        lr=3e-3,
-        log_every=10,
-        checkpoint_every=30,
+        optim=OptimConfig(max_steps=max_steps, warmup_steps=5, lr=3e-3, log_every=10, checkpoint_every=30),
     )
 
 

@@ -188,10 +188,10 @@ def test_eval_cli_bad_input(small_teacher: Path, small_data: Path, tmp_path: Pat
 
 def test_bad_recipe_is_refused(tmp_path: Path, capsys) -> None:
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("max_steps: 10\nshape:\n  hidden_size: 32\n")
+    recipe.write_text("optim:\n  max_steps: 10\nshape:\n  hidden_size: 32\n")
     assert main(["train", "teacher", "--config", str(recipe), "--set", "shape.hiden_size=3"]) == 2
     assert "shape.hiden_size: Extra inputs are not permitted" in capsys.readouterr().err
-    assert main(["train", "teacher", "--config", str(recipe), "--set", "max_steps=many"]) == 2
-    assert "max_steps: Input should be a valid integer" in capsys.readouterr().err
+    assert main(["train", "teacher", "--config", str(recipe), "--set", "optim.max_steps=many"]) == 2
+    assert "optim.max_steps: Input should be a valid integer" in capsys.readouterr().err
     assert main(["train", "teacher", "--config", str(tmp_path / "none.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -9,19 +9,17 @@ from __future__ import annotations
 import json
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from pydantic import BaseModel, ConfigDict
-from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from zeda_core.checkpoint import save_model
-from zeda_trainer.checkpointing import load_latest_checkpoint, save_checkpoint
 from zeda_trainer.data.build import build_dataset
 from zeda_trainer.data.packing import global_batch_rows, pack_blocks, pretraining_documents, read_jsonl
+from zeda_trainer.loop import OptimConfig, run_training
 from zeda_trainer.metrics import MetricsLog, plot_metrics
 from zeda_trainer.tokenizer import chat_text, train_tokenizer
 
@@ -55,14 +53,7 @@ class PretrainConfig(BaseModel):
     shape: TeacherShape = TeacherShape()
     block_size: int = 256
     batch_size: int = 32
-    max_steps: int = 2000
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    log_every: int = 10
-    checkpoint_every: int = 200
+    optim: OptimConfig = OptimConfig(max_steps=2000, lr=2e-3, warmup_steps=100, checkpoint_every=200)
 
 
 def prepare_tokenizer(config: PretrainConfig):
@@ -107,61 +98,19 @@ def pretrain(config: PretrainConfig, resume: bool = False) -> Path:
     accelerator.wait_for_everyone()
     tokenizer = prepare_tokenizer(config)
     blocks = pack_blocks(tokenizer, pretraining_documents(config.data_dir), config.block_size, config.seed)
-    model = build_teacher(config, tokenizer)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr,
-        betas=(0.9, 0.95),
-    )
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, config.warmup_steps, config.max_steps, min_lr_rate=config.min_lr_ratio
-    )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    state = load_latest_checkpoint(accelerator, config.run_dir) if resume else None
-    start = state["step"] if state else 0
-    log = MetricsLog(
-        config.run_dir / "metrics.jsonl", resume_step=start if resume else None, enabled=accelerator.is_main_process
-    )
-    model.train()
     rank, world = accelerator.process_index, accelerator.num_processes
-    progress = tqdm(
-        range(start, config.max_steps),
-        initial=start,
-        total=config.max_steps,
-        desc="pretrain",
-        disable=not accelerator.is_main_process,
-    )
-    tick, tokens_seen = time.perf_counter(), 0
-    for step in progress:
+
+    def step_loss(model: torch.nn.Module, step: int, acc: Accelerator) -> tuple[torch.Tensor, dict[str, float]]:
         rows = global_batch_rows(step, config.batch_size, blocks.shape[0], config.seed)[rank::world]
-        batch = blocks[rows].to(accelerator.device)
-        loss = model(input_ids=batch, labels=batch).loss
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_seen += batch.numel() * world
-        done = step + 1
-        if done % config.log_every == 0 or done == config.max_steps:
-            mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
-            elapsed = time.perf_counter() - tick
-            record = {
-                "step": done,
-                "loss": mean_loss,
-                "lr": scheduler.get_last_lr()[0],
-                "tokens_per_s": tokens_seen / elapsed,
-                "epoch": done * config.batch_size / blocks.shape[0],
-            }
-            log.log(record)
-            progress.set_postfix(loss=f"{mean_loss:.3f}")
-            tick, tokens_seen = time.perf_counter(), 0
-        if done % config.checkpoint_every == 0 or done == config.max_steps:
-            save_checkpoint(accelerator, config.run_dir, done, {"blocks": int(blocks.shape[0])})
+        batch = blocks[rows].to(acc.device)
+        epoch = (step + 1) * config.batch_size / blocks.shape[0]
+        return model(input_ids=batch, labels=batch).loss, {"epoch": epoch, "tokens": float(batch.numel())}
+
+    model, log = run_training(
+        accelerator, build_teacher(config, tokenizer), config.optim, config.run_dir, step_loss, resume, "pretrain"
+    )
     if accelerator.is_main_process:
-        _save_teacher(accelerator.unwrap_model(model), config, log)
+        _save_teacher(model, config, log)
     accelerator.wait_for_everyone()
     return config.out
 

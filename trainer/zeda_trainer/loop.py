@@ -1,0 +1,98 @@
+"""The training loop shared by every stage: AdamW, cosine schedule, accelerate, resumable checkpoints.
+
+A stage supplies ``step_loss(model, step, accelerator) -> (loss, metrics)``: the loss of this
+process's share of global batch ``step``. Because the batch is a function of the step alone, a
+resumed run sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from pydantic import BaseModel, ConfigDict
+from tqdm import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from zeda_trainer.checkpointing import load_latest_checkpoint, save_checkpoint
+from zeda_trainer.metrics import MetricsLog
+
+StepLoss = Callable[[torch.nn.Module, int, Accelerator], tuple[torch.Tensor, dict[str, float]]]
+
+
+class OptimConfig(BaseModel):
+    """Optimizer, schedule and bookkeeping of one training stage."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_steps: int = 100
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    log_every: int = 10
+    checkpoint_every: int = 100
+
+
+def run_training(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optim: OptimConfig,
+    run_dir: Path,
+    step_loss: StepLoss,
+    resume: bool,
+    desc: str,
+) -> tuple[torch.nn.Module, MetricsLog]:
+    """Train the parameters of ``model`` that require grad; returns (unwrapped model, metrics log)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in trainable if p.dim() >= 2], "weight_decay": optim.weight_decay},
+            {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=optim.lr,
+        betas=optim.betas,
+    )
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, optim.warmup_steps, optim.max_steps, min_lr_rate=optim.min_lr_ratio
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    state = load_latest_checkpoint(accelerator, run_dir) if resume else None
+    start = state["step"] if state else 0
+    log = MetricsLog(
+        run_dir / "metrics.jsonl", resume_step=start if resume else None, enabled=accelerator.is_main_process
+    )
+    model.train()
+    progress = tqdm(
+        range(start, optim.max_steps),
+        initial=start,
+        total=optim.max_steps,
+        desc=desc,
+        disable=not accelerator.is_main_process,
+    )
+    tick, tokens = time.perf_counter(), 0.0
+    for step in progress:
+        loss, metrics = step_loss(model, step, accelerator)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(trainable, optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += metrics.pop("tokens", 0.0) * accelerator.num_processes
+        done = step + 1
+        if done % optim.log_every == 0 or done == optim.max_steps:
+            values = torch.tensor([loss.detach().float().item(), *metrics.values()], device=accelerator.device)
+            values = accelerator.reduce(values, reduction="mean").tolist()
+            record = {"step": done, "loss": values[0], "lr": scheduler.get_last_lr()[0]}
+            record |= dict(zip(metrics, values[1:], strict=True))
+            record["tokens_per_s"] = tokens / (time.perf_counter() - tick)
+            log.log(record)
+            progress.set_postfix(loss=f"{values[0]:.3f}")
+            tick, tokens = time.perf_counter(), 0.0
+        if done % optim.checkpoint_every == 0 or done == optim.max_steps:
+            save_checkpoint(accelerator, run_dir, done, {"stage": desc})
+    return accelerator.unwrap_model(model), log
