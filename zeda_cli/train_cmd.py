@@ -1,4 +1,4 @@
-"""``zeda train``: pretrain the tiny teacher (SFT and OPD arrive with the trainer)."""
+"""``zeda train``: pretrain the tiny teacher; stage 1 of ZEDA (SFT on teacher rollouts)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     teacher.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     teacher.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     teacher.set_defaults(run=run_teacher)
+    sft = stages.add_parser("sft", help="stage 1: SFT of the zero-expert student on the teacher's rollouts")
+    sft.add_argument("--config", type=Path, default=Path("trainer/configs/tiny-sft.yaml"), help="YAML recipe")
+    sft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    sft.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    sft.set_defaults(run=run_sft)
 
 
 def run_teacher(args: argparse.Namespace) -> int:
@@ -23,4 +28,14 @@ def run_teacher(args: argparse.Namespace) -> int:
     config = load_recipe(PretrainConfig, args.config, args.set)
     out = pretrain(config, resume=args.resume)
     print(f"teacher written to {out}")
+    return 0
+
+
+def run_sft(args: argparse.Namespace) -> int:
+    from zeda_trainer.recipes import load_recipe
+    from zeda_trainer.sft import SftConfig, train_sft
+
+    config = load_recipe(SftConfig, args.config, args.set)
+    out = train_sft(config, resume=args.resume)
+    print(f"SFT student written to {out}")
     return 0

@@ -1,0 +1,114 @@
+"""Stage 1: cached teacher rollouts and SFT of the zero-expert student."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from zeda_cli.main import main
+from zeda_core import ZedaError, load_model
+from zeda_trainer.loop import OptimConfig
+from zeda_trainer.rollouts import RolloutConfig, load_prompts, teacher_rollouts
+from zeda_trainer.sft import GroupLossConfig, SftConfig, build_student, collate, sft_loss, train_sft
+
+
+def test_rollouts_are_cached_deduplicated_and_resumable(small_teacher: Path, small_data: Path, tmp_path: Path) -> None:
+    source = small_data / "prompts" / "sft.jsonl"
+    lines = source.read_text().splitlines()[:6]
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("\n".join([*lines, lines[0]]) + "\n")  # a duplicate prompt
+    prompts = load_prompts(prompts_file)
+    assert len(prompts) == 6
+    teacher, tokenizer = load_model(small_teacher), AutoTokenizer.from_pretrained(small_teacher)
+    config = RolloutConfig(max_new_tokens=8, batch_size=4)
+    cache = tmp_path / "rollouts.jsonl"
+    first = teacher_rollouts(teacher, tokenizer, prompts, cache, config)
+    assert [r["prompt"] for r in first] == [p.text for p in prompts]
+    assert all(0 < len(r["completion_ids"]) <= 8 for r in first)
+    kept = cache.read_text().splitlines()[:3]
+    cache.write_text("\n".join(kept) + '\n{"prompt": "torn')  # killed mid-write
+    again = teacher_rollouts(teacher, tokenizer, prompts, cache, config)
+    assert again == first
+    assert len(cache.read_text().splitlines()) == 6
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{bad\n", ":1: invalid JSON"),
+        ('{"prompt": ""}\n', ":1: needs a non-empty string field 'prompt'"),
+        ("\n", "has no prompts"),
+    ],
+)
+def test_bad_prompt_file(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text(content)
+    with pytest.raises(ZedaError, match=message):
+        load_prompts(path)
+
+
+def test_padding_changes_neither_loss_nor_ratio(small_teacher: Path) -> None:
+    config = SftConfig(teacher=small_teacher, zero_experts=4)
+    student, num_experts = build_student(config)
+    records = [
+        {"prompt_ids": [1, 4, 30, 31, 2, 5], "completion_ids": [40, 41, 2]},
+        {"prompt_ids": [1, 4, 32, 2, 5], "completion_ids": [42, 2]},
+    ]
+    tight = collate(records, pad_id=0, device=torch.device("cpu"))
+    padded = {k: torch.nn.functional.pad(v, (0, 7), value=-100 if k == "labels" else 0) for k, v in tight.items()}
+    with torch.no_grad():
+        loss_tight, metrics_tight = sft_loss(student, tight, num_experts, GroupLossConfig())
+        loss_padded, metrics_padded = sft_loss(student, padded, num_experts, GroupLossConfig())
+    torch.testing.assert_close(loss_padded, loss_tight, rtol=1e-6, atol=1e-6)
+    assert metrics_padded == pytest.approx(metrics_tight, rel=1e-6, abs=1e-6)
+
+
+def test_router_only_mode_freezes_experts(small_teacher: Path) -> None:
+    student, _ = build_student(SftConfig(teacher=small_teacher, zero_experts=4, trainable="router"))
+    trainable = {name for name, p in student.named_parameters() if p.requires_grad}
+    assert trainable and all(".mlp.gate." in name for name in trainable)
+
+
+def test_sft_end_to_end(small_teacher: Path, small_data: Path, tmp_path: Path) -> None:
+    config = SftConfig(
+        teacher=small_teacher,
+        prompts=small_data / "prompts" / "sft.jsonl",
+        run_dir=tmp_path / "run",
+        out=tmp_path / "student",
+        zero_experts=4,
+        rollout=RolloutConfig(max_new_tokens=12, batch_size=32),
+        batch_size=8,
+        kl_weight=0.5,
+        optim=OptimConfig(max_steps=12, lr=1e-3, warmup_steps=2, log_every=4, checkpoint_every=6),
+    )
+    out = train_sft(config)
+    student = load_model(out)
+    assert student.config.zce_nums == [4]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [4, 8, 12]
+    assert all({"nll", "l_ga", "r_ze", "kl", "r_ze_layer0", "tokens_per_s"} <= set(r) for r in records)
+    assert all(0.0 <= r["r_ze"] <= 1.0 for r in records)
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["target_zero_ratio"] == 0.5 and summary["stage"] == "sft"
+    assert (tmp_path / "run" / "curves.png").is_file()
+
+
+def test_sft_cli_bad_teacher(tmp_path: Path, capsys) -> None:
+    assert (
+        main(
+            [
+                "train",
+                "sft",
+                "--config",
+                "trainer/configs/tiny-sft.yaml",
+                "--set",
+                f"teacher={tmp_path / 'x'}",
+                "--set",
+                f"run_dir={tmp_path / 'run'}",
+            ]
+        )
+        == 2
+    )
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,160 @@
+"""Stage 1 of ZEDA: SFT of the zero-expert student on the frozen teacher's rollouts.
+
+Loss = token NLL on the teacher's completions + L_GA (group auxiliary loss over real tokens,
+averaged over MoE layers) + optionally ``kl_weight`` x forward KL to the teacher's logits.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from pydantic import BaseModel, ConfigDict
+from transformers import AutoTokenizer
+
+from zeda_core.checkpoint import load_model, resolve_checkpoint, save_model
+from zeda_core.convert import inject_zero_experts
+from zeda_core.errors import ZedaError
+from zeda_core.losses import forward_kl, group_aux_loss_over_layers, group_aux_target_ratio
+from zeda_core.moe import ZeroExpertMoeBlock
+from zeda_core.recording import record_routing
+from zeda_trainer.data.packing import global_batch_rows
+from zeda_trainer.loop import OptimConfig, run_training
+from zeda_trainer.metrics import MetricsLog, plot_metrics
+from zeda_trainer.rollouts import RolloutConfig, cached_rollouts, load_prompts, teacher_rollouts
+
+
+class GroupLossConfig(BaseModel):
+    """L_GA: ``alpha`` and the zero-group weight ``w`` (target zero share ``w*Z / (w*Z + N)``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    alpha: float = 0.1
+    zero_group_weight: float = 2.0
+
+
+class SftConfig(BaseModel):
+    """SFT recipe (YAML keys; ``--set key=value`` overrides them)."""
+
+    model_config = ConfigDict(extra="forbid")
+    teacher: Path = Path("models/tiny-teacher")
+    prompts: Path = Path("build/data/prompts/sft.jsonl")
+    run_dir: Path = Path("build/runs/tiny-sft")
+    out: Path = Path("build/models/tiny-zeda-sft")
+    zero_experts: int = 4
+    init: Literal["gaussian", "preserve"] = "gaussian"
+    seed: int = 0
+    rollout: RolloutConfig = RolloutConfig()
+    batch_size: int = 32
+    group_loss: GroupLossConfig = GroupLossConfig()
+    kl_weight: float = 0.0
+    trainable: Literal["all", "router"] = "all"
+    optim: OptimConfig = OptimConfig(max_steps=300, lr=5e-4, warmup_steps=30, betas=(0.9, 0.98))
+
+
+def collate(records: list[dict[str, Any]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded prompt + completion batch; ``labels`` is -100 on prompt and padding."""
+    sequences = [r["prompt_ids"] + r["completion_ids"] for r in records]
+    width = max(map(len, sequences))
+    ids = torch.full((len(records), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(records), width), dtype=torch.long)
+    labels = torch.full((len(records), width), -100, dtype=torch.long)
+    for row, (record, sequence) in enumerate(zip(records, sequences, strict=True)):
+        ids[row, : len(sequence)] = torch.tensor(sequence)
+        mask[row, : len(sequence)] = 1
+        start = len(record["prompt_ids"])
+        labels[row, start : len(sequence)] = torch.tensor(record["completion_ids"], dtype=torch.long)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def sft_loss(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    num_experts: int,
+    group_loss: GroupLossConfig,
+    teacher: torch.nn.Module | None = None,
+    kl_weight: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of one batch and its metrics; padding enters neither the losses nor the ratios."""
+    token_mask = batch["attention_mask"].bool()
+    with record_routing(token_mask=token_mask, keep_probs=True) as recorder:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    l_ga = group_aux_loss_over_layers(recorder, num_experts, group_loss.zero_group_weight, group_loss.alpha)
+    loss = nll + l_ga
+    counts = recorder.slot_counts().sum(dim=0).double()  # [L, 2]
+    per_layer = (counts[:, 1] / counts.sum(dim=1)).tolist()
+    metrics = {"nll": nll.item(), "l_ga": l_ga.item(), "r_ze": float(counts[:, 1].sum() / counts.sum())}
+    metrics |= {f"r_ze_layer{i}": ratio for i, ratio in enumerate(per_layer)}
+    if teacher is not None and kl_weight > 0:
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        kl = forward_kl(teacher_logits[:, :-1], logits[:, :-1], targets != -100)
+        loss = loss + kl_weight * kl
+        metrics["kl"] = kl.item()
+    return loss, metrics
+
+
+def build_student(config: SftConfig) -> tuple[torch.nn.Module, int]:
+    """(student, N): the teacher with Z zero experts injected, all or only router parameters trainable."""
+    if config.zero_experts < 1:
+        raise ZedaError(f"zero_experts must be >= 1, got {config.zero_experts}")
+    student = load_model(config.teacher, zero_aware=False)
+    spec = inject_zero_experts(student, config.zero_experts, init=config.init, seed=config.seed)
+    if config.trainable == "router":
+        student.requires_grad_(False)
+        for block in (m for m in student.modules() if isinstance(m, ZeroExpertMoeBlock)):
+            block.gate.requires_grad_(True)
+    return student, spec.num_experts
+
+
+def train_sft(config: SftConfig, resume: bool = False) -> Path:
+    """Rollouts (cached), then SFT of the student; returns ``config.out``."""
+    accelerator = Accelerator()
+    config = config.model_copy(update={"teacher": resolve_checkpoint(config.teacher)})
+    tokenizer = AutoTokenizer.from_pretrained(config.teacher)
+    prompts = load_prompts(config.prompts)
+    cache = config.run_dir / "rollouts.jsonl"
+    if accelerator.is_main_process:
+        teacher = load_model(config.teacher)
+        teacher_rollouts(teacher, tokenizer, prompts, cache, config.rollout, config.seed)
+        del teacher
+    accelerator.wait_for_everyone()
+    records = cached_rollouts(cache, prompts)
+    student, num_experts = build_student(config)
+    teacher = load_model(config.teacher).to(accelerator.device) if config.kl_weight > 0 else None
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    def step_loss(model: torch.nn.Module, step: int, acc: Accelerator) -> tuple[torch.Tensor, dict[str, float]]:
+        rows = global_batch_rows(step, config.batch_size, len(records), config.seed)[rank::world].tolist()
+        batch = collate([records[i] for i in rows], tokenizer.pad_token_id, acc.device)
+        loss, metrics = sft_loss(model, batch, num_experts, config.group_loss, teacher, config.kl_weight)
+        return loss, metrics | {"tokens": float(batch["attention_mask"].sum())}
+
+    model, log = run_training(accelerator, student, config.optim, config.run_dir, step_loss, resume, "sft")
+    if accelerator.is_main_process:
+        _save_student(model, config, log, num_experts)
+    accelerator.wait_for_everyone()
+    return config.out
+
+
+def _save_student(model: torch.nn.Module, config: SftConfig, log: MetricsLog, num_experts: int) -> None:
+    model.eval()
+    out = save_model(model, config.out, overwrite=True, side_files_from=Path(config.teacher))
+    records = log.records()
+    plot_metrics(records, ["loss", "nll", "l_ga", "r_ze", "kl"], config.run_dir / "curves.png", "ZEDA SFT")
+    target = group_aux_target_ratio(num_experts, config.zero_experts, config.group_loss.zero_group_weight)
+    summary = {
+        "command": shlex.join(["zeda", *sys.argv[1:]]) if sys.argv else "",
+        "stage": "sft",
+        "config": json.loads(config.model_dump_json()),
+        "target_zero_ratio": target,
+        "final": records[-1] if records else None,
+    }
+    (out / "training.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
