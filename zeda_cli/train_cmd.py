@@ -10,15 +10,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train models", description=__doc__)
     stages = parser.add_subparsers(dest="stage", required=True)
     teacher = stages.add_parser("teacher", help="pretrain the tiny Qwen3-MoE teacher on the local data")
-    teacher.add_argument("--config", type=Path, default=Path("trainer/configs/tiny-teacher.yaml"), help="YAML recipe")
-    teacher.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
-    teacher.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    _add_recipe_arguments(teacher, Path("trainer/configs/tiny-teacher.yaml"))
     teacher.set_defaults(run=run_teacher)
     sft = stages.add_parser("sft", help="stage 1: SFT of the zero-expert student on the teacher's rollouts")
-    sft.add_argument("--config", type=Path, default=Path("trainer/configs/tiny-sft.yaml"), help="YAML recipe")
-    sft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
-    sft.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    _add_recipe_arguments(sft, Path("trainer/configs/tiny-sft.yaml"))
     sft.set_defaults(run=run_sft)
+
+
+def _add_recipe_arguments(parser: argparse.ArgumentParser, default_recipe: Path) -> None:
+    parser.add_argument("--config", type=Path, default=default_recipe, help=f"YAML recipe (default {default_recipe})")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
 
 
 def run_teacher(args: argparse.Namespace) -> int:
