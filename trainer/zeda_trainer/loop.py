@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -36,6 +36,19 @@ class OptimConfig(BaseModel):
     grad_clip: float = 1.0
     log_every: int = 10
     checkpoint_every: int = 100
+
+
+def make_accelerator() -> Accelerator:
+    """The accelerator of every stage.
+
+    Each global batch is split across processes, so the schedule steps once per optimizer step
+    (``split_batches``). Under DDP an expert that gets no token on one rank leaves parameters
+    without gradients, so unused parameters are allowed.
+    """
+    return Accelerator(
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
 
 
 def run_training(
@@ -90,6 +103,7 @@ def run_training(
             record = {"step": done, "loss": values[0], "lr": scheduler.get_last_lr()[0]}
             record |= dict(zip(metrics, values[1:], strict=True))
             record["tokens_per_s"] = tokens / (time.perf_counter() - tick)
+            record["processes"] = accelerator.num_processes
             log.log(record)
             progress.set_postfix(loss=f"{values[0]:.3f}")
             tick, tokens = time.perf_counter(), 0.0

@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from zeda_core.checkpoint import save_model
 from zeda_trainer.data.build import build_dataset
 from zeda_trainer.data.packing import global_batch_rows, pack_blocks, pretraining_documents, read_jsonl
-from zeda_trainer.loop import OptimConfig, run_training
+from zeda_trainer.loop import OptimConfig, make_accelerator, run_training
 from zeda_trainer.metrics import MetricsLog, plot_metrics
 from zeda_trainer.tokenizer import chat_text, train_tokenizer
 
@@ -89,7 +89,7 @@ def build_teacher(config: PretrainConfig, tokenizer) -> torch.nn.Module:
 
 def pretrain(config: PretrainConfig, resume: bool = False) -> Path:
     """Train the teacher; returns the directory of the saved model (``config.out``)."""
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     if accelerator.is_main_process and not (config.data_dir / "manifest.json").is_file():
         build_dataset(config.data_dir, seed=config.data_seed)
     accelerator.wait_for_everyone()

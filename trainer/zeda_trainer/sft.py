@@ -25,7 +25,7 @@ from zeda_core.losses import forward_kl, group_aux_loss_over_layers, group_aux_t
 from zeda_core.moe import ZeroExpertMoeBlock
 from zeda_core.recording import record_routing
 from zeda_trainer.data.packing import global_batch_rows
-from zeda_trainer.loop import OptimConfig, run_training
+from zeda_trainer.loop import OptimConfig, make_accelerator, run_training
 from zeda_trainer.metrics import MetricsLog, plot_metrics
 from zeda_trainer.rollouts import RolloutConfig, cached_rollouts, load_prompts, teacher_rollouts
 
@@ -116,7 +116,7 @@ def build_student(config: SftConfig) -> tuple[torch.nn.Module, int]:
 
 def train_sft(config: SftConfig, resume: bool = False) -> Path:
     """Rollouts (cached), then SFT of the student; returns ``config.out``."""
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     config = config.model_copy(update={"teacher": resolve_checkpoint(config.teacher)})
     tokenizer = AutoTokenizer.from_pretrained(config.teacher)
     prompts = load_prompts(config.prompts)
