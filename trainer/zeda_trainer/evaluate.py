@@ -7,7 +7,6 @@ Padding never counts.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter, defaultdict
@@ -22,7 +21,7 @@ from zeda_core.checkpoint import load_model, resolve_checkpoint
 from zeda_core.errors import ZedaError
 from zeda_core.flops import FlopModel, flop_report
 from zeda_core.recording import record_routing
-from zeda_trainer.data.packing import read_jsonl
+from zeda_trainer.data.packing import read_jsonl, read_user_jsonl
 from zeda_trainer.generation import generate
 
 SCORERS = ("exact", "regex")
@@ -50,19 +49,8 @@ def load_eval_set(path: Path) -> list[EvalItem]:
     Raises:
         ZedaError: naming the file and line of the first bad record.
     """
-    if not path.is_file():
-        raise ZedaError(f"eval set {path} does not exist")
     items = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ZedaError(f"{where}: invalid JSON ({exc.msg})") from exc
-        if not isinstance(record, dict):
-            raise ZedaError(f"{where}: each line must be a JSON object")
+    for where, record in read_user_jsonl(path, "eval set"):
         for field in ("prompt", "answer"):
             if not isinstance(record.get(field), str):
                 raise ZedaError(f"{where}: missing or non-string field {field!r}")

@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from zeda_core.atomic import atomic_write_text
 from zeda_core.errors import ZedaError
+from zeda_trainer.data.packing import read_user_jsonl
 from zeda_trainer.evaluate import prompt_ids
 from zeda_trainer.generation import generate
 
@@ -50,18 +51,10 @@ def load_prompts(path: Path) -> list[Prompt]:
     Raises:
         ZedaError: naming the file and line of the first bad record, or an empty set.
     """
-    if not path.is_file():
-        raise ZedaError(f"prompt file {path} does not exist")
     prompts: dict[str, Prompt] = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ZedaError(f"{path}:{number}: invalid JSON ({exc.msg})") from exc
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"]:
-            raise ZedaError(f"{path}:{number}: needs a non-empty string field 'prompt'")
+    for where, record in read_user_jsonl(path, "prompt file"):
+        if not isinstance(record.get("prompt"), str) or not record["prompt"]:
+            raise ZedaError(f"{where}: needs a non-empty string field 'prompt'")
         prompt = Prompt(record["prompt"], bool(record.get("chat", True)), str(record.get("domain", "default")))
         prompts.setdefault(prompt.key, prompt)
     if not prompts:

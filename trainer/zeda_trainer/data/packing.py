@@ -4,17 +4,41 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from zeda_core.errors import ZedaError
 from zeda_trainer.tokenizer import chat_text
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSONL file that the project wrote itself (trusted)."""
     with path.open() as handle:
         return [json.loads(line) for line in handle]
+
+
+def read_user_jsonl(path: Path, kind: str) -> Iterator[tuple[str, dict]]:
+    """``(where, record)`` for each non-blank line of a user-supplied JSONL file; ``where`` is ``path:line``.
+
+    Raises:
+        ZedaError: a missing file (named as ``kind``), invalid JSON or a non-object line, with its line.
+    """
+    if not path.is_file():
+        raise ZedaError(f"{kind} {path} does not exist")
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ZedaError(f"{where}: invalid JSON ({exc.msg})") from exc
+        if not isinstance(record, dict):
+            raise ZedaError(f"{where}: each line must be a JSON object")
+        yield where, record
 
 
 def pretraining_documents(data_dir: Path) -> list[str]:
