@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
 
 import pytest
 
+from zeda_core import inject_zero_experts, load_model, save_model
 from zeda_trainer.data.build import DataSizes, build_dataset
 from zeda_trainer.loop import OptimConfig
 from zeda_trainer.pretrain import PretrainConfig, TeacherShape, pretrain
@@ -63,3 +64,11 @@ def small_data(tmp_path_factory) -> Path:
 def small_teacher(tmp_path_factory, small_data: Path) -> Path:
     root = tmp_path_factory.mktemp("teacher")
     return pretrain(small_teacher_config(small_data, root / "run", root / "teacher"))
+
+
+@pytest.fixture(scope="session")
+def small_student(small_teacher: Path, tmp_path_factory) -> Path:
+    """The small teacher with 4 zero experts injected (gaussian init): a ZEDA model that uses zero slots."""
+    model = load_model(small_teacher, zero_aware=False)
+    inject_zero_experts(model, 4, init="gaussian", seed=0)
+    return save_model(model, tmp_path_factory.mktemp("student") / "student", side_files_from=small_teacher)

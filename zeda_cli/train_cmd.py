@@ -1,4 +1,4 @@
-"""``zeda train``: pretrain the tiny teacher; stage 1 of ZEDA (SFT on teacher rollouts)."""
+"""``zeda train``: pretrain the tiny teacher; ZEDA stage 1 (SFT on teacher rollouts) and stage 2 (OPD)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sft = stages.add_parser("sft", help="stage 1: SFT of the zero-expert student on the teacher's rollouts")
     _add_recipe_arguments(sft, Path("trainer/configs/tiny-sft.yaml"))
     sft.set_defaults(run=run_sft)
+    opd = stages.add_parser("opd", help="stage 2: on-policy distillation of the student against the teacher")
+    _add_recipe_arguments(opd, Path("trainer/configs/tiny-opd.yaml"))
+    opd.set_defaults(run=run_opd)
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser, default_recipe: Path) -> None:
@@ -40,4 +43,14 @@ def run_sft(args: argparse.Namespace) -> int:
     config = load_recipe(SftConfig, args.config, args.set)
     out = train_sft(config, resume=args.resume)
     print(f"SFT student written to {out}")
+    return 0
+
+
+def run_opd(args: argparse.Namespace) -> int:
+    from zeda_trainer.opd import OpdConfig, train_opd
+    from zeda_trainer.recipes import load_recipe
+
+    config = load_recipe(OpdConfig, args.config, args.set)
+    out = train_opd(config, resume=args.resume)
+    print(f"OPD student written to {out}")
     return 0

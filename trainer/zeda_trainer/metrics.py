@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from zeda_core.atomic import atomic_write_text
+from zeda_core.checkpoint import save_model
 
 
 class MetricsLog:
@@ -55,3 +60,27 @@ def plot_metrics(records: list[dict[str, Any]], keys: list[str], png: Path, titl
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(png)
+
+
+def save_trained_model(
+    model: torch.nn.Module,
+    out: Path,
+    side_files_from: Path,
+    log: MetricsLog,
+    curves: list[str],
+    plot_path: Path,
+    title: str,
+    summary: dict[str, Any],
+) -> Path:
+    """Write a stage's final model (atomically), its curve plot, and ``training.json`` beside the weights.
+
+    ``summary`` gets the command line and the last logged record added.
+    """
+    model.eval()
+    written = save_model(model, out, overwrite=True, side_files_from=side_files_from)
+    records = log.records()
+    plot_metrics(records, curves, plot_path, title)
+    summary = {"command": shlex.join(["zeda", *sys.argv[1:]]) if sys.argv else ""} | summary
+    summary["final"] = records[-1] if records else None
+    atomic_write_text(written / "training.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return written

@@ -7,8 +7,6 @@ share of every global batch). Resumable at any checkpoint with exactly the same 
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 from pathlib import Path
 
 import torch
@@ -16,11 +14,10 @@ from accelerate import Accelerator
 from pydantic import BaseModel, ConfigDict
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from zeda_core.checkpoint import save_model
 from zeda_trainer.data.build import build_dataset
 from zeda_trainer.data.packing import global_batch_rows, pack_blocks, pretraining_documents, read_jsonl
 from zeda_trainer.loop import OptimConfig, make_accelerator, run_training
-from zeda_trainer.metrics import MetricsLog, plot_metrics
+from zeda_trainer.metrics import MetricsLog, save_trained_model
 from zeda_trainer.tokenizer import chat_text, train_tokenizer
 
 
@@ -117,19 +114,18 @@ def pretrain(config: PretrainConfig, resume: bool = False) -> Path:
 
 def _save_teacher(model: torch.nn.Module, config: PretrainConfig, log: MetricsLog) -> None:
     model.config.output_router_logits = False
-    model.eval()
-    out = save_model(model, config.out, overwrite=True, side_files_from=config.run_dir / "tokenizer")
-    records = log.records()
-    plot_metrics(records, ["loss", "lr", "tokens_per_s"], config.run_dir / "curves.png", "tiny teacher pretraining")
     params = sum(p.numel() for p in model.parameters())
     shape = config.shape
     expert = 3 * shape.hidden_size * shape.moe_intermediate_size
     active = params - shape.num_hidden_layers * (shape.num_experts - shape.num_experts_per_tok) * expert
-    training = {
-        "command": shlex.join(["zeda", *sys.argv[1:]]) if sys.argv else "",
-        "config": json.loads(config.model_dump_json()),
-        "parameters": params,
-        "active_parameters": active,
-        "final": records[-1] if records else None,
-    }
-    (out / "training.json").write_text(json.dumps(training, indent=2, sort_keys=True) + "\n")
+    summary = {"config": json.loads(config.model_dump_json()), "parameters": params, "active_parameters": active}
+    save_trained_model(
+        model,
+        config.out,
+        config.run_dir / "tokenizer",
+        log,
+        ["loss", "lr", "tokens_per_s"],
+        config.run_dir / "curves.png",
+        "tiny teacher pretraining",
+        summary,
+    )

@@ -2,31 +2,33 @@
 
 Loss = token NLL on the teacher's completions + L_GA (group auxiliary loss over real tokens,
 averaged over MoE layers) + optionally ``kl_weight`` x forward KL to the teacher's logits.
+
+Optionally each global batch also holds ``text.rows`` blocks of raw training text, trained with
+the same losses: with the teacher KL on, this distils the teacher's whole next-token
+distribution on general text, which keeps the student's perplexity close to the teacher's.
 """
 
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from pydantic import BaseModel, ConfigDict
-from transformers import AutoTokenizer
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from zeda_core.checkpoint import load_model, resolve_checkpoint, save_model
+from zeda_core.checkpoint import load_model, resolve_checkpoint
 from zeda_core.convert import inject_zero_experts
 from zeda_core.errors import ZedaError
 from zeda_core.losses import forward_kl, group_aux_loss_over_layers, group_aux_target_ratio
 from zeda_core.moe import ZeroExpertMoeBlock
 from zeda_core.recording import record_routing
-from zeda_trainer.data.packing import global_batch_rows
+from zeda_trainer.data.packing import global_batch_rows, pack_blocks, read_user_jsonl
 from zeda_trainer.loop import OptimConfig, make_accelerator, run_training
-from zeda_trainer.metrics import MetricsLog, plot_metrics
+from zeda_trainer.metrics import MetricsLog, save_trained_model
 from zeda_trainer.rollouts import RolloutConfig, cached_rollouts, load_prompts, teacher_rollouts
 
 
@@ -36,6 +38,15 @@ class GroupLossConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     alpha: float = 0.1
     zero_group_weight: float = 2.0
+
+
+class TextMixConfig(BaseModel):
+    """Raw-text blocks added to every global batch (``rows`` = 0 turns the mix off)."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: Path = Path("build/data/text/train.jsonl")
+    rows: int = Field(default=0, ge=0)
+    block_size: int = 128
 
 
 class SftConfig(BaseModel):
@@ -51,6 +62,7 @@ class SftConfig(BaseModel):
     seed: int = 0
     rollout: RolloutConfig = RolloutConfig()
     batch_size: int = 32
+    text: TextMixConfig = TextMixConfig()
     group_loss: GroupLossConfig = GroupLossConfig()
     kl_weight: float = 0.0
     trainable: Literal["all", "router"] = "all"
@@ -101,6 +113,24 @@ def sft_loss(
     return loss, metrics
 
 
+def text_mix_blocks(tokenizer: PreTrainedTokenizerBase, text: TextMixConfig, seed: int) -> torch.Tensor | None:
+    """[num_blocks, block_size] token blocks of the text mix, or None when it is off.
+
+    Raises:
+        ZedaError: the text file is missing, malformed, or has no ``text`` records.
+    """
+    if text.rows == 0:
+        return None
+    documents = []
+    for where, record in read_user_jsonl(text.path, "text file"):
+        if not isinstance(record.get("text"), str):
+            raise ZedaError(f"{where}: needs a string field 'text'")
+        documents.append(record["text"])
+    if not documents:
+        raise ZedaError(f"text file {text.path} has no records")
+    return pack_blocks(tokenizer, documents, text.block_size, seed)
+
+
 def build_student(config: SftConfig) -> tuple[torch.nn.Module, int]:
     """(student, N): the teacher with Z zero experts injected, all or only router parameters trainable."""
     if config.zero_experts < 1:
@@ -127,13 +157,18 @@ def train_sft(config: SftConfig, resume: bool = False) -> Path:
         del teacher
     accelerator.wait_for_everyone()
     records = cached_rollouts(cache, prompts)
+    text_blocks = text_mix_blocks(tokenizer, config.text, config.seed)
     student, num_experts = build_student(config)
     teacher = load_model(config.teacher).to(accelerator.device) if config.kl_weight > 0 else None
     rank, world = accelerator.process_index, accelerator.num_processes
 
     def step_loss(model: torch.nn.Module, step: int, acc: Accelerator) -> tuple[torch.Tensor, dict[str, float]]:
         rows = global_batch_rows(step, config.batch_size, len(records), config.seed)[rank::world].tolist()
-        batch = collate([records[i] for i in rows], tokenizer.pad_token_id, acc.device)
+        chosen = [records[i] for i in rows]
+        if text_blocks is not None:
+            text_rows = global_batch_rows(step, config.text.rows, len(text_blocks), config.seed + 1)[rank::world]
+            chosen += [{"prompt_ids": [], "completion_ids": text_blocks[i].tolist()} for i in text_rows.tolist()]
+        batch = collate(chosen, tokenizer.pad_token_id, acc.device)
         loss, metrics = sft_loss(model, batch, num_experts, config.group_loss, teacher, config.kl_weight)
         return loss, metrics | {"tokens": float(batch["attention_mask"].sum())}
 
@@ -145,16 +180,9 @@ def train_sft(config: SftConfig, resume: bool = False) -> Path:
 
 
 def _save_student(model: torch.nn.Module, config: SftConfig, log: MetricsLog, num_experts: int) -> None:
-    model.eval()
-    out = save_model(model, config.out, overwrite=True, side_files_from=Path(config.teacher))
-    records = log.records()
-    plot_metrics(records, ["loss", "nll", "l_ga", "r_ze", "kl"], config.run_dir / "curves.png", "ZEDA SFT")
     target = group_aux_target_ratio(num_experts, config.zero_experts, config.group_loss.zero_group_weight)
-    summary = {
-        "command": shlex.join(["zeda", *sys.argv[1:]]) if sys.argv else "",
-        "stage": "sft",
-        "config": json.loads(config.model_dump_json()),
-        "target_zero_ratio": target,
-        "final": records[-1] if records else None,
-    }
-    (out / "training.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    summary = {"stage": "sft", "config": json.loads(config.model_dump_json()), "target_zero_ratio": target}
+    curves = ["loss", "nll", "l_ga", "r_ze", "kl"]
+    save_trained_model(
+        model, config.out, Path(config.teacher), log, curves, config.run_dir / "curves.png", "ZEDA SFT", summary
+    )

@@ -1,0 +1,356 @@
+"""The OpenAI-compatible HTTP API of ZEDA over an engine.
+
+Routes: ``/v1/chat/completions``, ``/v1/completions`` (streamed over SSE or not; prompt
+log-probs with ``echo`` + ``max_tokens: 0`` for remote teachers), ``/v1/models``, ``/health``,
+``/metrics`` (Prometheus) and ``/dashboard`` (a live page fed by ``/dashboard/stats``).
+Every response's ``usage.zeda`` holds the request's own expert FLOPs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from importlib.resources import files
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sse_starlette import EventSourceResponse
+
+from zeda_server.engine import QueueFull, SamplingParams, StepOutput, TorchEngine
+from zeda_server.errors import ApiError, error_response, install_error_handlers
+from zeda_server.metrics import ServerMetrics
+from zeda_server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, usage_body
+from zeda_server.settings import ServerSettings
+
+RETRY_AFTER_SECONDS = "1"
+
+
+def create_app(settings: ServerSettings, engine: TorchEngine) -> FastAPI:
+    """The FastAPI app serving ``engine`` under ``settings`` (keys, limits, names)."""
+    app = FastAPI(title="ZEDA", version="0.1.0")
+    metrics = ServerMetrics()
+    app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
+    install_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
+        )
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+            error = ApiError(413, f"request body over {settings.max_body_bytes} bytes", code="body_too_large")
+            return error_response(error)
+        return await call_next(request)
+
+    def require_api_key(request: Request) -> None:
+        _check_bearer(request, settings.api_key.get_secret_value() if settings.api_key else None, "API key")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": settings.model_name, "system_fingerprint": engine.fingerprint}
+
+    @app.get("/v1/models", dependencies=[Depends(require_api_key)])
+    async def models() -> dict[str, Any]:
+        card = {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "zeda"}
+        return {"object": "list", "data": [card | {"max_model_len": engine.context_length}]}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        metrics.queue_depth.set(engine.queue_depth)
+        metrics.running.set(engine.running)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/dashboard", response_class=HTMLResponse)
+    async def dashboard() -> str:
+        return files("zeda_server").joinpath("dashboard.html").read_text()
+
+    @app.get("/dashboard/stats")
+    async def dashboard_stats() -> dict[str, Any]:
+        return metrics.snapshot(engine.queue_depth, engine.running)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)])
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        _check_model(body, settings)
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="messages") from exc
+        prompt = list(
+            engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        )
+        params = _sampling(body, body.token_limit(), len(prompt), engine, settings)
+        handle = _Handle(engine, metrics, "chat", prompt, params)
+        await handle.start()
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return EventSourceResponse(_chat_events(handle, body, settings, include_usage), ping=15)
+        text, finish = await handle.collect()
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        return _envelope(handle, "chat.completion", settings) | {"choices": [choice], "usage": handle.usage()}
+
+    @app.post("/v1/completions", dependencies=[Depends(require_api_key)])
+    async def completions(body: CompletionRequest):
+        _check_model(body, settings)
+        prompts = _completion_prompts(body, engine)
+        if body.max_tokens == 0:
+            if not body.echo:
+                raise ApiError(400, "max_tokens must be > 0 unless echo is true", param="max_tokens")
+            return await _score(prompts, body, engine, metrics, settings)
+        if body.stream and len(prompts) > 1:
+            raise ApiError(400, "streaming takes a single prompt", param="prompt")
+        handles = []
+        for prompt in prompts:
+            params = _sampling(body, body.max_tokens, len(prompt), engine, settings)
+            handles.append(_Handle(engine, metrics, "completions", prompt, params))
+        for handle in handles:
+            await handle.start()
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return EventSourceResponse(_completion_events(handles[0], body, settings, include_usage), ping=15)
+        results = await asyncio.gather(*(h.collect() for h in handles))
+        choices = []
+        for index, (handle, (text, finish)) in enumerate(zip(handles, results, strict=True)):
+            prefix = engine.tokenizer.decode(handle.prompt, skip_special_tokens=True) if body.echo else ""
+            choice = {"index": index, "text": prefix + text, "finish_reason": finish, "logprobs": None}
+            if body.logprobs is not None:
+                choice["logprobs"] = {"tokens": handle.tokens_text(), "token_logprobs": handle.logprobs}
+            choices.append(choice)
+        usage = _sum_usage([h.usage() for h in handles])
+        return _envelope(handles[0], "text_completion", settings) | {"choices": choices, "usage": usage}
+
+    return app
+
+
+class _Handle:
+    """One request in the engine: its stream, timings, and final usage."""
+
+    def __init__(
+        self, engine: TorchEngine, metrics: ServerMetrics, endpoint: str, prompt: list[int], params: SamplingParams
+    ) -> None:
+        self.engine, self.metrics, self.endpoint = engine, metrics, endpoint
+        self.prompt, self.params = prompt, params
+        self.id = uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.final: StepOutput | None = None
+        self._stream: AsyncIterator[StepOutput] | None = None
+
+    async def start(self) -> None:
+        """Queue the request; a full engine answers 429 before any response starts."""
+        try:
+            stream = self.engine.submit(self.prompt, self.params)
+            self._first = await anext(stream)
+        except QueueFull as exc:
+            self.metrics.record_error(self.endpoint, 429)
+            raise ApiError(
+                429,
+                f"server busy ({exc}); retry later",
+                code="queue_full",
+                headers={"Retry-After": RETRY_AFTER_SECONDS},
+            ) from exc
+        self._stream = stream
+
+    async def outputs(self) -> AsyncIterator[StepOutput]:
+        output = self._first
+        while True:
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+                self.metrics.ttft.observe(self.first_token_at - self.started)
+            self.token_ids += output.token_ids
+            self.logprobs += output.logprobs
+            if output.finish_reason == "error":
+                self.metrics.record_error(self.endpoint, 500)
+                raise ApiError(500, f"generation failed: {output.error}", code="engine_error")
+            if output.finish_reason is not None:
+                self.final = output
+                self.metrics.latency.observe(time.perf_counter() - self.started)
+                self.metrics.record(self.endpoint, output.prompt_tokens, output.completion_tokens, output.report)
+                yield output
+                return
+            yield output
+            output = await anext(self._stream)
+
+    async def collect(self) -> tuple[str, str]:
+        parts, finish = [], "length"
+        async for output in self.outputs():
+            parts.append(output.text)
+            finish = output.finish_reason or finish
+        return "".join(parts), finish
+
+    def usage(self) -> dict[str, Any]:
+        final = self.final
+        return usage_body(final.prompt_tokens, final.completion_tokens, final.report)
+
+    def tokens_text(self) -> list[str]:
+        return [self.engine.tokenizer.decode([t]) for t in self.token_ids]
+
+    async def aclose(self) -> None:
+        if self._stream is not None:
+            await self._stream.aclose()
+
+
+def _check_bearer(request: Request, expected: str | None, what: str) -> None:
+    if expected is None:
+        return
+    header = request.headers.get("authorization", "")
+    if not header.startswith("Bearer "):
+        raise ApiError(401, f"missing {what}: send 'Authorization: Bearer <key>'", code="missing_api_key")
+    if header.removeprefix("Bearer ").strip() != expected:
+        raise ApiError(401, f"wrong {what}", code="invalid_api_key")
+
+
+def _check_model(body: SamplingFields, settings: ServerSettings) -> None:
+    if body.model != settings.model_name:
+        message = f"model {body.model!r} does not exist; this server serves {settings.model_name!r}"
+        raise ApiError(404, message, "model", "model_not_found")
+
+
+def _sampling(
+    body: SamplingFields, max_tokens: int | None, prompt_len: int, engine: TorchEngine, settings: ServerSettings
+) -> SamplingParams:
+    """Sampling parameters after the context-window and ``max_tokens`` cap checks."""
+    room = engine.context_length - prompt_len
+    if room <= 0:
+        raise ApiError(
+            400,
+            f"prompt is {prompt_len} tokens; the context window is {engine.context_length}",
+            "messages",
+            "context_length_exceeded",
+        )
+    if max_tokens is not None and max_tokens > settings.max_tokens_cap:
+        raise ApiError(400, f"max_tokens {max_tokens} is over the cap of {settings.max_tokens_cap}", "max_tokens")
+    if max_tokens is not None and max_tokens > room:
+        raise ApiError(
+            400,
+            f"prompt ({prompt_len}) + max_tokens ({max_tokens}) exceeds the context window ({engine.context_length})",
+            "max_tokens",
+            "context_length_exceeded",
+        )
+    limit = max_tokens if max_tokens is not None else min(room, settings.max_tokens_cap)
+    return SamplingParams(limit, body.temperature, body.top_p, body.seed, body.stop_list())
+
+
+def _completion_prompts(body: CompletionRequest, engine: TorchEngine) -> list[list[int]]:
+    """The prompt(s) of a completions request as token-id lists (text is tokenized with BOS)."""
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        return [engine.tokenizer(prompt).input_ids]
+    if all(isinstance(p, int) for p in prompt):
+        prompts = [list(prompt)]
+    elif all(isinstance(p, str) for p in prompt):
+        return [engine.tokenizer(p).input_ids for p in prompt]
+    else:
+        prompts = [list(p) for p in prompt]
+    vocab = len(engine.tokenizer)
+    for ids in prompts:
+        if any(not 0 <= t < vocab for t in ids):
+            raise ApiError(400, f"token ids must lie in [0, {vocab})", param="prompt")
+    return prompts
+
+
+async def _score(
+    prompts: list[list[int]], body: CompletionRequest, engine: TorchEngine, metrics: ServerMetrics, settings
+) -> dict[str, Any]:
+    """``echo`` + ``max_tokens: 0``: the log-prob of every prompt token after the first."""
+    for ids in prompts:
+        if len(ids) > engine.context_length:
+            message = f"a prompt is {len(ids)} tokens; the context window is {engine.context_length}"
+            raise ApiError(400, message, "prompt", "context_length_exceeded")
+    scores, report = await engine.score(prompts)
+    tokens = sum(map(len, prompts))
+    metrics.record("completions", tokens, 0, report)
+    choices = []
+    for index, (ids, values) in enumerate(zip(prompts, scores, strict=True)):
+        logprobs = {
+            "tokens": [engine.tokenizer.decode([t]) for t in ids],
+            "token_logprobs": [None, *values],
+            "top_logprobs": None,
+        }
+        text = engine.tokenizer.decode(ids, skip_special_tokens=True)
+        choices.append({"index": index, "text": text, "finish_reason": "length", "logprobs": logprobs})
+    envelope = {
+        "id": "cmpl-" + uuid.uuid4().hex[:24],
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": settings.model_name,
+        "system_fingerprint": engine.fingerprint,
+    }
+    return envelope | {"choices": choices, "usage": usage_body(tokens, 0, report)}
+
+
+def _envelope(handle: _Handle, kind: str, settings: ServerSettings) -> dict[str, Any]:
+    prefix = "chatcmpl-" if kind.startswith("chat") else "cmpl-"
+    return {
+        "id": prefix + handle.id,
+        "object": kind,
+        "created": handle.created,
+        "model": settings.model_name,
+        "system_fingerprint": handle.engine.fingerprint,
+    }
+
+
+def _sum_usage(usages: list[dict[str, Any]]) -> dict[str, Any]:
+    if len(usages) == 1:
+        return usages[0]
+    total = {key: sum(u[key] for u in usages) for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    keys = ("expert_flops", "expert_flops_saved", "dense_expert_flops")
+    zeda = {key: sum(u["zeda"][key] for u in usages) for key in keys}
+    dense = zeda["dense_expert_flops"]
+    zeda["zero_expert_ratio"] = zeda["expert_flops_saved"] / dense if dense else 0.0
+    return total | {"zeda": zeda}
+
+
+async def _chat_events(
+    handle: _Handle, body: ChatCompletionRequest, settings: ServerSettings, include_usage: bool
+) -> AsyncIterator[dict[str, str]]:
+    envelope = _envelope(handle, "chat.completion.chunk", settings)
+    first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+    yield _event(envelope | {"choices": [first]})
+    async for chunk in _stream_chunks(handle, envelope, include_usage, lambda text: {"delta": {"content": text}}):
+        yield chunk
+
+
+async def _completion_events(
+    handle: _Handle, body: CompletionRequest, settings: ServerSettings, include_usage: bool
+) -> AsyncIterator[dict[str, str]]:
+    envelope = _envelope(handle, "text_completion", settings)
+    if body.echo:
+        prompt_text = handle.engine.tokenizer.decode(handle.prompt, skip_special_tokens=True)
+        yield _event(envelope | {"choices": [{"index": 0, "text": prompt_text, "finish_reason": None}]})
+    async for chunk in _stream_chunks(handle, envelope, include_usage, lambda text: {"text": text}):
+        yield chunk
+
+
+async def _stream_chunks(handle: _Handle, envelope: dict[str, Any], include_usage: bool, content) -> AsyncIterator:
+    """One chunk per engine output; the finishing chunk (or the usage chunk) carries ``usage``."""
+    try:
+        async for output in handle.outputs():
+            if not output.text and output.finish_reason is None:
+                continue
+            choice = {"index": 0, **content(output.text), "finish_reason": output.finish_reason}
+            chunk = envelope | {"choices": [choice]}
+            if output.finish_reason is not None and not include_usage:
+                chunk["usage"] = handle.usage()
+            yield _event(chunk)
+        if include_usage:
+            yield _event(envelope | {"choices": [], "usage": handle.usage()})
+    except ApiError as exc:
+        yield _event({"error": {"message": exc.message, "type": "server_error", "code": exc.code}})
+    finally:
+        await handle.aclose()
+    yield {"data": "[DONE]"}
+
+
+def _event(payload: dict[str, Any]) -> dict[str, str]:
+    return {"data": json.dumps(payload)}

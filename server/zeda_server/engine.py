@@ -1,0 +1,326 @@
+"""Torch engine: continuous batching of concurrent requests over one HF model with a KV cache.
+
+One engine thread owns the model. Between decode steps it admits waiting requests (one
+batched prefill, then their rows join the running KV batch), drops finished or cancelled rows,
+and runs one decode step for every row in flight. Each request's routing counts come from the
+recorder's per-row counts, so they are exact even when requests share a batch: every prompt
+token counts once at prefill and every generated token once when it is fed back.
+
+The HTTP layer talks to it through :meth:`TorchEngine.submit` (an async stream of
+:class:`StepOutput`) and :meth:`TorchEngine.score` (prompt log-probs, for remote teachers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, DynamicCache
+
+from zeda_core.checkpoint import load_model, resolve_checkpoint
+from zeda_core.flops import FlopModel, FlopReport, flop_report
+from zeda_core.losses import token_logprobs
+from zeda_core.recording import record_routing
+from zeda_server.kv_batch import KvBatch
+from zeda_server.text_stream import TextStream
+
+
+class QueueFull(Exception):
+    """The engine holds ``max_queue`` requests already."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class StepOutput:
+    """What one engine step produced for one request.
+
+    Attributes:
+        text: new visible text (stop strings cut, partial characters held back).
+        token_ids: tokens sampled this step.
+        logprobs: log-probability of each of those tokens under the unwarped model distribution.
+        finish_reason: ``stop``, ``length`` or ``error`` on the last output, else None.
+        report, prompt_tokens, completion_tokens: on the last output, the request's routing
+            FLOPs (:class:`FlopReport`) and token counts.
+        error: what failed, when ``finish_reason`` is ``error``.
+    """
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str | None = None
+    report: FlopReport | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: TextStream
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue
+    generator: torch.Generator | None
+    generated: list[int] = field(default_factory=list)
+    counts: torch.Tensor | None = None
+    processed: int = 0
+    cancelled: bool = False
+
+    def emit(self, output: StepOutput) -> None:
+        self.loop.call_soon_threadsafe(self.outputs.put_nowait, output)
+
+
+@dataclass
+class _ScoreJob:
+    sequences: list[list[int]]
+    future: Future
+
+
+class TorchEngine:
+    """Serve one checkpoint (ZEDA, reference-format, or a plain MoE as the static baseline).
+
+    Args:
+        model_path: local directory or hub id.
+        device: torch device string.
+        dtype: parameter dtype (None keeps the checkpoint's).
+        max_batch: rows decoded together.
+        max_queue: requests held (running + waiting) before :class:`QueueFull`.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        max_batch: int = 32,
+        max_queue: int = 256,
+    ) -> None:
+        checkpoint = resolve_checkpoint(model_path)
+        self.model = load_model(checkpoint, dtype=dtype, device=device)
+        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        self.flop_model = FlopModel.from_model(self.model)
+        self.context_length = int(self.model.config.max_position_embeddings)
+        self.fingerprint = _fingerprint(checkpoint)
+        self.device = torch.device(device)
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._scores: collections.deque[_ScoreJob] = collections.deque()
+        self._running: list[_Request] = []
+        self._kv: KvBatch | None = None
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="zeda-engine", daemon=True)
+        self._thread.start()
+
+    # -- public API (any thread / event loop) -------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a batch slot."""
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    async def submit(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StepOutput]:
+        """Stream the outputs of one request; closing the iterator early cancels it."""
+        request = _Request(
+            prompt_ids=list(prompt_ids),
+            params=params,
+            stream=TextStream(self.tokenizer, list(params.stop)),
+            loop=asyncio.get_running_loop(),
+            outputs=asyncio.Queue(),
+            generator=torch.Generator().manual_seed(params.seed) if params.seed is not None else None,
+        )
+        with self._wake:
+            if len(self._waiting) + len(self._running) >= self.max_queue:
+                raise QueueFull(f"{self.max_queue} requests in flight")
+            self._waiting.append(request)
+            self._wake.notify()
+        try:
+            while True:
+                output = await request.outputs.get()
+                yield output
+                if output.finish_reason is not None:
+                    return
+        finally:
+            request.cancelled = True
+
+    async def score(self, sequences: list[list[int]]) -> tuple[list[list[float]], FlopReport]:
+        """Log-probs of tokens 1..n-1 of each sequence under the model, and the FLOPs spent."""
+        job = _ScoreJob(sequences, Future())
+        with self._wake:
+            self._scores.append(job)
+            self._wake.notify()
+        return await asyncio.wrap_future(job.future)
+
+    def shutdown(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+
+    # -- engine thread --------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._stopping or self._waiting or self._scores or self._running):
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                jobs = list(self._scores)
+                self._scores.clear()
+                room = self.max_batch - len(self._running)
+                admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            for job in jobs:
+                self._run_score(job)
+            try:
+                self._step(admitted)
+            except Exception as exc:  # fail the requests in flight, keep serving the next ones
+                for request in {id(r): r for r in [*self._running, *admitted]}.values():
+                    request.emit(StepOutput("", [], [], finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
+                    request.cancelled = True
+                self._running, self._kv = [], None
+
+    @torch.inference_mode()
+    def _step(self, admitted: list[_Request]) -> None:
+        self._drop_finished()
+        admitted = [r for r in admitted if not r.cancelled]
+        if admitted:
+            self._prefill(admitted)
+            self._drop_finished()
+        if self._running:
+            self._decode()
+            self._drop_finished()
+
+    def _prefill(self, requests: list[_Request]) -> None:
+        width = max(len(r.prompt_ids) for r in requests)
+        ids = torch.full((len(requests), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(requests), width), dtype=torch.long)
+        for row, request in enumerate(requests):
+            ids[row, width - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
+            attention[row, width - len(request.prompt_ids) :] = 1
+        ids, attention = ids.to(self.device), attention.to(self.device)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        with record_routing(token_mask=attention.bool()) as recorder:
+            logits = self.model(
+                input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True
+            ).logits[:, -1]
+        counts = recorder.slot_counts()
+        for row, request in enumerate(requests):
+            request.counts, request.processed = counts[row], len(request.prompt_ids)
+        joined = KvBatch(cache, attention, positions[:, -1] + 1)
+        self._kv = joined if self._kv is None else self._kv.merge(joined)
+        self._running += requests
+        self._sample_and_emit(requests, logits)
+
+    def _decode(self) -> None:
+        kv = self._kv
+        ids = torch.tensor([[r.generated[-1]] for r in self._running], device=self.device)
+        kv.extend()
+        with record_routing() as recorder:
+            logits = self.model(
+                input_ids=ids,
+                attention_mask=kv.attention,
+                position_ids=(kv.positions - 1)[:, None],
+                past_key_values=kv.cache,
+                use_cache=True,
+            ).logits[:, -1]
+        counts = recorder.slot_counts()
+        for row, request in enumerate(self._running):
+            request.counts += counts[row]
+            request.processed += 1
+        self._sample_and_emit(self._running, logits)
+
+    def _sample_and_emit(self, requests: list[_Request], logits: torch.Tensor) -> None:
+        """Sample one token per row of ``logits`` [B, V] and emit it to its request."""
+        logits = logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        for row, request in enumerate(requests):
+            if request.cancelled:
+                continue
+            token = _sample_row(logits[row], request.params, request.generator)
+            request.generated.append(token)
+            request.stream.update(request.generated)
+            finish = None
+            if token == self.tokenizer.eos_token_id or request.stream.stopped:
+                finish = "stop"
+            elif len(request.generated) >= request.params.max_tokens:
+                finish = "length"
+            output = StepOutput(request.stream.delta(final=finish is not None), [token], [float(logprobs[row, token])])
+            if finish is not None:
+                output.finish_reason = finish
+                output.report = flop_report(request.counts, request.processed, self.flop_model)
+                output.prompt_tokens, output.completion_tokens = len(request.prompt_ids), len(request.generated)
+                request.cancelled = True  # done: its row leaves the batch
+            request.emit(output)
+
+    def _drop_finished(self) -> None:
+        keep = [row for row, request in enumerate(self._running) if not request.cancelled]
+        if len(keep) == len(self._running):
+            return
+        self._running = [self._running[row] for row in keep]
+        if keep:
+            self._kv.keep(keep)
+        else:
+            self._kv = None
+
+    def _run_score(self, job: _ScoreJob) -> None:
+        try:
+            width = max(map(len, job.sequences))
+            ids = torch.full((len(job.sequences), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            attention = torch.zeros_like(ids)
+            for row, sequence in enumerate(job.sequences):
+                ids[row, : len(sequence)] = torch.tensor(sequence)
+                attention[row, : len(sequence)] = 1
+            ids, attention = ids.to(self.device), attention.to(self.device)
+            with torch.inference_mode(), record_routing(token_mask=attention.bool()) as recorder:
+                logits = self.model(input_ids=ids, attention_mask=attention).logits
+            values = token_logprobs(logits[:, :-1], ids[:, 1:]).cpu()
+            scores = [values[row, : len(s) - 1].tolist() for row, s in enumerate(job.sequences)]
+            tokens = int(attention.sum())
+            report = flop_report(recorder.slot_counts().sum(dim=0), tokens, self.flop_model)
+            job.future.set_result((scores, report))
+        except Exception as exc:  # handed to the awaiting request, which answers with an error
+            job.future.set_exception(exc)
+
+
+def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token id from [V] float logits: greedy at temperature 0, else temperature + top-p."""
+    if params.temperature == 0.0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def _fingerprint(checkpoint: Path) -> str:
+    """``fp_`` + a short hash of the checkpoint's weights files (names, sizes, times)."""
+    digest = hashlib.sha256()
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return "fp_" + digest.hexdigest()[:12]

@@ -1,0 +1,93 @@
+"""Server metrics: Prometheus counters for ``/metrics`` and a rolling history for ``/dashboard``."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from zeda_core.flops import FlopReport
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+HISTORY_SECONDS = 600
+
+
+class ServerMetrics:
+    """One registry per server, so several servers (and tests) never share counters."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("zeda_requests", "Finished requests.", ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("zeda_prompt_tokens", "Prompt tokens processed.", registry=r)
+        self.completion_tokens = Counter("zeda_completion_tokens", "Tokens generated.", registry=r)
+        self.expert_flops = Counter("zeda_expert_flops", "Routed-expert FLOPs spent.", registry=r)
+        self.expert_flops_saved = Counter("zeda_expert_flops_saved", "Routed-expert FLOPs saved.", registry=r)
+        self.dense_expert_flops = Counter("zeda_dense_expert_flops", "FLOPs the static model would spend.", registry=r)
+        self.real_slots = Counter("zeda_real_slots", "Routed slots that went to real experts.", registry=r)
+        self.zero_slots = Counter("zeda_zero_slots", "Routed slots that went to zero experts.", registry=r)
+        self.zero_ratio = Gauge("zeda_zero_expert_ratio", "Zero-slot share since start.", registry=r)
+        self.queue_depth = Gauge("zeda_queue_depth", "Requests waiting for a batch slot.", registry=r)
+        self.running = Gauge("zeda_running_requests", "Requests in the running batch.", registry=r)
+        self.ttft = Histogram("zeda_time_to_first_token_seconds", "TTFT.", buckets=LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram("zeda_request_latency_seconds", "End-to-end.", buckets=LATENCY_BUCKETS, registry=r)
+        self._lock = threading.Lock()
+        self._events: collections.deque[tuple[float, int, int, int]] = collections.deque()
+        self._totals = {"real": 0, "zero": 0, "saved": 0, "spent": 0, "tokens": 0, "requests": 0}
+
+    def record(self, endpoint: str, prompt_tokens: int, completion_tokens: int, report: FlopReport) -> None:
+        """Account one finished request."""
+        self.requests.labels(endpoint=endpoint, status="ok").inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.completion_tokens.inc(completion_tokens)
+        self.expert_flops.inc(report.expert_flops)
+        self.expert_flops_saved.inc(report.expert_flops_saved)
+        self.dense_expert_flops.inc(report.dense_expert_flops)
+        self.real_slots.inc(report.real_slots)
+        self.zero_slots.inc(report.zero_slots)
+        with self._lock:
+            totals = self._totals
+            totals["real"] += report.real_slots
+            totals["zero"] += report.zero_slots
+            totals["saved"] += report.expert_flops_saved
+            totals["spent"] += report.expert_flops
+            totals["tokens"] += completion_tokens
+            totals["requests"] += 1
+            slots = totals["real"] + totals["zero"]
+            self.zero_ratio.set(totals["zero"] / slots if slots else 0.0)
+            self._events.append((time.time(), completion_tokens, report.real_slots, report.zero_slots))
+            self._trim()
+
+    def record_error(self, endpoint: str, status: int) -> None:
+        self.requests.labels(endpoint=endpoint, status=str(status)).inc()
+
+    def snapshot(self, queue_depth: int, running: int, window: float = 10.0) -> dict[str, Any]:
+        """Totals since start plus tokens/s and r_ze over the last ``window`` seconds (dashboard feed)."""
+        now = time.time()
+        with self._lock:
+            self._trim()
+            recent = [e for e in self._events if e[0] >= now - window]
+            totals = dict(self._totals)
+        real, zero = sum(e[2] for e in recent), sum(e[3] for e in recent)
+        slots = totals["real"] + totals["zero"]
+        return {
+            "time": now,
+            "requests": totals["requests"],
+            "completion_tokens": totals["tokens"],
+            "expert_flops": totals["spent"],
+            "expert_flops_saved": totals["saved"],
+            "saved_share": totals["saved"] / (totals["saved"] + totals["spent"]) if slots else 0.0,
+            "zero_expert_ratio": totals["zero"] / slots if slots else 0.0,
+            "recent_zero_expert_ratio": zero / (real + zero) if real + zero else None,
+            "tokens_per_s": sum(e[1] for e in recent) / window,
+            "queue_depth": queue_depth,
+            "running": running,
+        }
+
+    def _trim(self) -> None:
+        horizon = time.time() - HISTORY_SECONDS
+        while self._events and self._events[0][0] < horizon:
+            self._events.popleft()

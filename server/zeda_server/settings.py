@@ -1,0 +1,54 @@
+"""Server settings: defaults < YAML file (``ZEDA_CONFIG_FILE``) < ``ZEDA_*`` environment < CLI flags."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+DEFAULT_MODEL = "models/tiny-zeda"
+
+
+class ServerSettings(BaseSettings):
+    """Everything ``zeda serve`` can be told. CLI flags arrive as init arguments (highest priority)."""
+
+    model_config = SettingsConfigDict(env_prefix="ZEDA_", extra="forbid")
+
+    model: str = DEFAULT_MODEL
+    served_model_name: str | None = None
+    backend: Literal["torch", "sglang"] = "torch"
+    device: str = "cpu"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_key: SecretStr | None = None
+    admin_key: SecretStr | None = None
+    max_batch: int = Field(default=32, ge=1)
+    max_queue: int = Field(default=256, ge=1)
+    max_tokens_cap: int = Field(default=1024, ge=1)
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    cors_origins: list[str] = []
+    trust_remote_code: bool = False
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        config_file = os.environ.get("ZEDA_CONFIG_FILE")
+        if config_file:
+            sources += (YamlConfigSettingsSource(settings_cls, yaml_file=Path(config_file)),)
+        return sources
+
+    @property
+    def model_name(self) -> str:
+        """The id clients send as ``model`` (the checkpoint's directory name by default)."""
+        return self.served_model_name or Path(self.model.rstrip("/")).name

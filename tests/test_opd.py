@@ -1,0 +1,176 @@
+"""Stage 2: on-policy distillation (PPO clip, routing replay, teacher scoring) and kill -9 resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.nn.functional import pad
+from transformers import AutoTokenizer
+
+from zeda_core import ZedaError, load_model
+from zeda_trainer.generation import generate
+from zeda_trainer.opd import OpdConfig, build_batch, clipped_policy_loss, opd_loss, policy_forward
+from zeda_trainer.rollouts import encode_prompt, load_prompts
+from zeda_trainer.teacher import LocalTeacher
+
+
+def test_clipped_policy_loss_on_hand_values() -> None:
+    old = torch.zeros(1, 4)
+    new = torch.log(torch.tensor([[1.0, 1.5, 0.5, 1.1]]))
+    advantages = torch.tensor([[1.0, 1.0, -1.0, -2.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    loss, clipped = clipped_policy_loss(new, old, advantages, mask, eps=0.2)
+    # min(r*A, clip(r)*A): 1.0, min(1.5, 1.2) = 1.2, min(-0.5, -0.8) = -0.8; the masked token drops out.
+    assert loss.item() == pytest.approx(-(1.0 + 1.2 - 0.8) / 3)
+    assert clipped.item() == pytest.approx(2 / 3)
+
+
+def _sampled_batch(student_path: Path, prompts_file: Path, count: int, replay: bool):
+    student = load_model(student_path)
+    tokenizer = AutoTokenizer.from_pretrained(student_path)
+    prompts = [encode_prompt(tokenizer, p) for p in load_prompts(prompts_file)[:count]]
+    generations = generate(
+        student,
+        prompts,
+        10,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        temperature=1.0,
+        generator=torch.Generator().manual_seed(0),
+        record_routes=replay,
+    )
+    teacher_scores = [[-1.0] * len(g.tokens) for g in generations]
+    num_rows = student.config.num_experts + 4
+    batch = build_batch(prompts, generations, teacher_scores, tokenizer.pad_token_id, num_rows, torch.device("cpu"))
+    return student, prompts, generations, batch
+
+
+def test_routing_replay_reuses_the_sampled_routes(small_student: Path, small_data: Path) -> None:
+    student, prompts, generations, batch = _sampled_batch(small_student, small_data / "prompts" / "opd.jsonl", 6, True)
+    assert batch.replay and all(ids.shape[:2] == batch.input_ids.shape for ids in batch.replay.values())
+    for gen, prompt in zip(generations, prompts, strict=True):
+        assert gen.processed_tokens == len(prompt) + len(gen.tokens) - 1
+        assert all(ids.shape[0] == gen.processed_tokens for ids in gen.routes.values())
+    # The routes taken while decoding are the ones a full forward picks (up to rare float ties).
+    with torch.no_grad():
+        _, free = policy_forward(student, replace(batch, replay={}), keep_probs=False)
+    mask = batch.routed_mask
+    for layer in free.layers:
+        same = (layer.topk_ids.sort(-1).values == batch.replay[layer.layer_idx].sort(-1).values).all(-1)
+        assert same[mask].float().mean() > 0.97
+    # Replay is really forced: routing every token to zero slots changes the log-probs.
+    forced = {i: torch.full_like(ids, ids.max().item()) for i, ids in batch.replay.items()}
+    with torch.no_grad():
+        replayed, _ = policy_forward(student, batch, keep_probs=False)
+        all_zero, recorder = policy_forward(student, replace(batch, replay=forced), False)
+    assert not torch.allclose(replayed[batch.completion_mask], all_zero[batch.completion_mask])
+    counts = recorder.slot_counts().sum(dim=(0, 1))
+    assert counts[0] == 0 and counts[1] > 0
+
+
+def test_opd_padding_changes_neither_loss_nor_ratio(small_student: Path, small_data: Path) -> None:
+    student, _, _, batch = _sampled_batch(small_student, small_data / "prompts" / "opd.jsonl", 4, True)
+    with torch.no_grad():
+        batch.old_logprobs = policy_forward(student, batch, keep_probs=False)[0]
+    extra = 5
+    padded = batch.__class__(
+        input_ids=pad(batch.input_ids, (0, extra)),
+        attention_mask=pad(batch.attention_mask, (0, extra)),
+        routed_mask=pad(batch.routed_mask, (0, extra)),
+        completion_mask=pad(batch.completion_mask, (0, extra)),
+        old_logprobs=pad(batch.old_logprobs, (0, extra)),
+        teacher_logprobs=pad(batch.teacher_logprobs, (0, extra)),
+        replay={i: pad(ids, (0, 0, 0, extra), value=int(ids.max())) for i, ids in batch.replay.items()},
+    )
+    config = OpdConfig()
+    with torch.no_grad():
+        loss, metrics = opd_loss(student, batch, 8, config)
+        loss_padded, metrics_padded = opd_loss(student, padded, 8, config)
+    torch.testing.assert_close(loss_padded, loss, rtol=1e-5, atol=1e-6)
+    assert metrics_padded == pytest.approx(metrics, rel=1e-5, abs=1e-6)
+    assert metrics["clip_fraction"] == 0.0  # first update: the new policy is the sampling policy
+
+
+def test_local_teacher_scores_and_caches(small_teacher: Path) -> None:
+    teacher = LocalTeacher(str(small_teacher), torch.device("cpu"), cache_size=2)
+    sequences = [[1, 5, 9, 13, 2], [1, 7, 3]]
+    first = teacher.score(sequences, [2, 1])
+    assert [len(s) for s in first] == [3, 2] and all(v <= 0 for s in first for v in s)
+    with torch.no_grad():
+        logits = teacher.model(input_ids=torch.tensor([sequences[0]])).logits
+    expected = torch.log_softmax(logits[0, 1:4].float(), -1)[torch.arange(3), torch.tensor([9, 13, 2])]
+    torch.testing.assert_close(torch.tensor(first[0]), expected, rtol=1e-5, atol=1e-5)
+    assert teacher.score(sequences, [2, 1]) == first and teacher.hits == 2
+
+
+def test_opd_needs_a_zero_expert_student(small_teacher: Path, small_data: Path, tmp_path: Path) -> None:
+    from zeda_trainer.opd import train_opd
+
+    config = OpdConfig(student=small_teacher, teacher=str(small_teacher), prompts=small_data / "prompts" / "opd.jsonl")
+    with pytest.raises(ZedaError, match="has no zero experts"):
+        train_opd(config.model_copy(update={"run_dir": tmp_path / "run", "out": tmp_path / "out"}))
+
+
+def test_checkpoint_interval_must_fit_updates_per_batch() -> None:
+    with pytest.raises(ValueError, match="multiple of updates_per_batch"):
+        OpdConfig.model_validate({"updates_per_batch": 3, "optim": {"checkpoint_every": 10}})
+
+
+def _stage_command(stage: str, run_dir: Path, out: Path, small_teacher: Path, student: Path, data: Path) -> list[str]:
+    common = {
+        "run_dir": run_dir,
+        "out": out,
+        "batch_size": 4,
+        "optim.max_steps": 12,
+        "optim.log_every": 1,
+        "optim.checkpoint_every": 2,
+        "optim.warmup_steps": 1,
+        "optim.lr": 1e-3,
+    }
+    if stage == "sft":
+        specific = {"teacher": small_teacher, "prompts": data / "prompts" / "sft.jsonl", "rollout.max_new_tokens": 8}
+    else:
+        specific = {
+            "student": student,
+            "teacher": small_teacher,
+            "prompts": data / "prompts" / "opd.jsonl",
+            "sampling.max_new_tokens": 8,
+        }
+    sets = [arg for key, value in (common | specific).items() for arg in ("--set", f"{key}={value}")]
+    return [sys.executable, "-m", "zeda_cli.main", "train", stage, *sets]
+
+
+@pytest.mark.parametrize("stage", ["sft", "opd"])
+def test_kill_9_then_resume_matches_an_uninterrupted_run(
+    stage: str, small_teacher: Path, small_student: Path, small_data: Path, tmp_path: Path
+) -> None:
+    straight = _stage_command(stage, tmp_path / "a", tmp_path / "a-out", small_teacher, small_student, small_data)
+    done = subprocess.run(straight, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    killed = _stage_command(stage, tmp_path / "b", tmp_path / "b-out", small_teacher, small_student, small_data)
+    process = subprocess.Popen(killed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_checkpoint = tmp_path / "b" / "checkpoints" / "step-00000002"
+    deadline = time.monotonic() + 300
+    while not first_checkpoint.is_dir() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert first_checkpoint.is_dir() and not (tmp_path / "b-out").exists()
+
+    resumed = subprocess.run([*killed, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    straight_weights = load_file(tmp_path / "a-out" / "model.safetensors")
+    resumed_weights = load_file(tmp_path / "b-out" / "model.safetensors")
+    for name, tensor in straight_weights.items():
+        torch.testing.assert_close(resumed_weights[name], tensor, rtol=0, atol=1e-6, msg=name)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))

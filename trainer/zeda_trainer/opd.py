@@ -1,0 +1,285 @@
+"""Stage 2 of ZEDA: on-policy distillation (OPD) of the zero-expert student.
+
+Each sample batch: the student samples completions of OPD prompts (temperature 1 by default),
+recording the experts it routed every token to; the frozen teacher scores every sampled token;
+the per-token advantage is ``log p_T(y_t) - log p_S_old(y_t)``. The student then takes
+``updates_per_batch`` optimizer steps on the PPO-clipped objective plus L_GA, its forward
+replaying the recorded routes (routing replay), so the policy that is updated is the one that
+sampled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from accelerate import Accelerator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from zeda_core.checkpoint import load_model, resolve_checkpoint
+from zeda_core.errors import ZedaError
+from zeda_core.losses import group_aux_loss_over_layers, group_aux_target_ratio, token_logprobs
+from zeda_core.moe import ZeroExpertMoeBlock
+from zeda_core.recording import RoutingRecorder, record_routing
+from zeda_trainer.data.packing import global_batch_rows
+from zeda_trainer.generation import Generation, generate
+from zeda_trainer.loop import OptimConfig, make_accelerator, run_training
+from zeda_trainer.metrics import MetricsLog, save_trained_model
+from zeda_trainer.rollouts import encode_prompt, load_prompts
+from zeda_trainer.sft import GroupLossConfig
+from zeda_trainer.teacher import TeacherScorer, make_teacher
+
+
+class SamplingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_new_tokens: int = Field(default=64, ge=1)
+    temperature: float = Field(default=1.0, gt=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+
+
+class OpdConfig(BaseModel):
+    """OPD recipe (YAML keys; ``--set key=value`` overrides them)."""
+
+    model_config = ConfigDict(extra="forbid")
+    student: Path = Path("build/models/tiny-zeda-sft")
+    teacher: str = "models/tiny-teacher"
+    teacher_api_key: str | None = None
+    teacher_cache: int = Field(default=4096, ge=0)
+    prompts: Path = Path("build/data/prompts/opd.jsonl")
+    run_dir: Path = Path("build/runs/tiny-opd")
+    out: Path = Path("build/models/tiny-zeda")
+    seed: int = 0
+    batch_size: int = Field(default=32, ge=1)
+    updates_per_batch: int = Field(default=1, ge=1)
+    sampling: SamplingConfig = SamplingConfig()
+    clip_eps: float = Field(default=0.2, gt=0.0)
+    routing_replay: bool = True
+    group_loss: GroupLossConfig = GroupLossConfig(alpha=1.0)
+    trainable: Literal["all", "router"] = "all"
+    optim: OptimConfig = OptimConfig(max_steps=200, lr=1e-4, warmup_steps=10, betas=(0.9, 0.98))
+
+    @model_validator(mode="after")
+    def _exact_resume(self) -> OpdConfig:
+        if self.optim.checkpoint_every % self.updates_per_batch:
+            raise ValueError("optim.checkpoint_every must be a multiple of updates_per_batch (exact resume)")
+        return self
+
+
+@dataclass
+class OnPolicyBatch:
+    """Sampled sequences of one sample batch, right-padded to [B, W].
+
+    Attributes:
+        input_ids, attention_mask: [B, W] int64.
+        completion_mask: [B, W - 1] bool, True where target token ``t + 1`` is a sampled token.
+        old_logprobs: [B, W - 1] float32 log-probs of the targets under the sampling policy.
+        teacher_logprobs: [B, W - 1] float32 teacher log-probs of the targets (0 off the mask).
+        replay: layer -> [B, W, K] expert ids taken while sampling (empty without replay).
+        routed_mask: [B, W] bool, the tokens whose routing counts in r_ze and L_GA: real tokens,
+            less the last sampled one under replay (it was never fed back, so it has no route).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    routed_mask: torch.Tensor
+    completion_mask: torch.Tensor
+    old_logprobs: torch.Tensor
+    teacher_logprobs: torch.Tensor
+    replay: dict[int, torch.Tensor]
+
+
+def clipped_policy_loss(
+    new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO-clip surrogate, mean over masked tokens; returns (loss, fraction of tokens clipped).
+
+    All tensors are [B, T]; ``advantages`` carry no gradient.
+    """
+    ratio = torch.exp(new_logprobs - old_logprobs)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1.0 - eps, 1.0 + eps) * advantages
+    per_token = -torch.minimum(unclipped, clipped)
+    weight = mask.float()
+    count = weight.sum().clamp(min=1.0)
+    loss = (per_token * weight).sum() / count
+    clip_fraction = (((ratio - 1.0).abs() > eps).float() * weight).sum() / count
+    return loss, clip_fraction
+
+
+def build_batch(
+    prompts: list[list[int]],
+    generations: list[Generation],
+    teacher_scores: list[list[float]],
+    pad_id: int,
+    num_rows: int,
+    device: torch.device,
+) -> OnPolicyBatch:
+    """Right-padded batch of prompt + completion; old log-probs are filled in by :func:`old_policy`."""
+    sequences = [p + g.tokens for p, g in zip(prompts, generations, strict=True)]
+    batch, width = len(sequences), max(map(len, sequences))
+    ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((batch, width), dtype=torch.long)
+    completion = torch.zeros((batch, width - 1), dtype=torch.bool)
+    teacher = torch.zeros((batch, width - 1), dtype=torch.float32)
+    for row, (prompt, sequence, scores) in enumerate(zip(prompts, sequences, teacher_scores, strict=True)):
+        ids[row, : len(sequence)] = torch.tensor(sequence)
+        attention[row, : len(sequence)] = 1
+        completion[row, len(prompt) - 1 : len(sequence) - 1] = True
+        teacher[row, len(prompt) - 1 : len(sequence) - 1] = torch.tensor(scores)
+    replay: dict[int, torch.Tensor] = {}
+    routed = attention.bool()
+    if generations and generations[0].routes is not None:
+        routed = torch.zeros_like(routed)
+        for row, gen in enumerate(generations):
+            routed[row, : gen.processed_tokens] = True
+        for layer, first in generations[0].routes.items():
+            # Tokens never fed back (the last sampled one, padding) get a zero slot: it costs nothing
+            # and their outputs feed no target.
+            forced = torch.full((batch, width, first.shape[-1]), num_rows - 1, dtype=torch.long)
+            for row, gen in enumerate(generations):
+                routes = gen.routes[layer]
+                forced[row, : routes.shape[0]] = routes
+            replay[layer] = forced.to(device)
+    return OnPolicyBatch(
+        ids.to(device),
+        attention.to(device),
+        routed.to(device),
+        completion.to(device),
+        torch.zeros(0),
+        teacher.to(device),
+        replay,
+    )
+
+
+def policy_forward(
+    model: torch.nn.Module, batch: OnPolicyBatch, keep_probs: bool
+) -> tuple[torch.Tensor, RoutingRecorder]:
+    """[B, W - 1] log-probs of the targets under ``model`` (routes replayed when recorded)."""
+    with record_routing(token_mask=batch.routed_mask, keep_probs=keep_probs, replay=batch.replay) as rec:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return token_logprobs(logits[:, :-1], batch.input_ids[:, 1:]), rec
+
+
+def opd_loss(
+    model: torch.nn.Module, batch: OnPolicyBatch, num_experts: int, config: OpdConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO-clipped OPD loss + L_GA of one batch, and its metrics (real tokens only)."""
+    new_logprobs, recorder = policy_forward(model, batch, keep_probs=True)
+    mask = batch.completion_mask
+    advantages = (batch.teacher_logprobs - batch.old_logprobs).detach()
+    policy, clip_fraction = clipped_policy_loss(new_logprobs, batch.old_logprobs, advantages, mask, config.clip_eps)
+    group = config.group_loss
+    l_ga = group_aux_loss_over_layers(recorder, num_experts, group.zero_group_weight, group.alpha)
+    counts = recorder.slot_counts().sum(dim=0).double()  # [L, 2]
+    tokens = mask.float().sum().clamp(min=1.0)
+    metrics = {
+        "policy": policy.item(),
+        "l_ga": l_ga.item(),
+        "r_ze": float(counts[:, 1].sum() / counts.sum()),
+        # Mean advantage over sampled tokens = minus a sample estimate of KL(student || teacher).
+        "reverse_kl": float(-(advantages * mask).sum() / tokens),
+        "clip_fraction": clip_fraction.item(),
+        "completion_tokens": float(mask.sum()) / mask.shape[0],
+    }
+    metrics |= {f"r_ze_layer{i}": float(c[1] / c.sum()) for i, c in enumerate(counts)}
+    return policy + l_ga, metrics
+
+
+class OnPolicySampler:
+    """Samples and scores one batch per ``updates_per_batch`` steps, deterministically from the step."""
+
+    def __init__(
+        self,
+        config: OpdConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        prompts: list[list[int]],
+        teacher: TeacherScorer,
+        num_rows: int,
+        rank: int,
+        world: int,
+    ) -> None:
+        self.config, self.tokenizer, self.prompts, self.teacher = config, tokenizer, prompts, teacher
+        self.num_rows, self.rank, self.world = num_rows, rank, world
+        self.current: tuple[int, OnPolicyBatch] | None = None
+
+    def batch(self, model: torch.nn.Module, step: int, device: torch.device) -> OnPolicyBatch:
+        index = step // self.config.updates_per_batch
+        if self.current is None or self.current[0] != index:
+            self.current = (index, self._sample(model, index, device))
+        return self.current[1]
+
+    @torch.no_grad()
+    def _sample(self, model: torch.nn.Module, index: int, device: torch.device) -> OnPolicyBatch:
+        config = self.config
+        rows = global_batch_rows(index, config.batch_size, len(self.prompts), config.seed)[self.rank :: self.world]
+        prompts = [self.prompts[i] for i in rows.tolist()]
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index * 7919 + self.rank)
+        model.eval()
+        generations = generate(
+            model,
+            prompts,
+            config.sampling.max_new_tokens,
+            self.tokenizer.eos_token_id,
+            self.tokenizer.pad_token_id,
+            temperature=config.sampling.temperature,
+            top_p=config.sampling.top_p,
+            batch_size=len(prompts),
+            generator=generator,
+            record_routes=config.routing_replay,
+        )
+        sequences = [p + g.tokens for p, g in zip(prompts, generations, strict=True)]
+        scores = self.teacher.score(sequences, [len(p) for p in prompts])
+        batch = build_batch(prompts, generations, scores, self.tokenizer.pad_token_id, self.num_rows, device)
+        batch.old_logprobs = policy_forward(model, batch, keep_probs=False)[0].detach()
+        model.train()
+        return batch
+
+
+def build_opd_student(config: OpdConfig) -> tuple[torch.nn.Module, int, int]:
+    """(student, N, N + Z) from the SFT checkpoint; all or only router parameters trainable."""
+    student = load_model(resolve_checkpoint(config.student))
+    blocks = [m for m in student.modules() if isinstance(m, ZeroExpertMoeBlock)]
+    if not blocks or blocks[0].spec.num_zero_experts == 0:
+        raise ZedaError(f"student {config.student} has no zero experts: run `zeda train sft` (or convert) first")
+    if config.trainable == "router":
+        student.requires_grad_(False)
+        for block in blocks:
+            block.gate.requires_grad_(True)
+    return student, blocks[0].spec.num_experts, blocks[0].spec.num_rows
+
+
+def train_opd(config: OpdConfig, resume: bool = False) -> Path:
+    """On-policy distillation from ``config.student``; returns ``config.out``."""
+    accelerator = make_accelerator()
+    student_path = resolve_checkpoint(config.student)
+    tokenizer = AutoTokenizer.from_pretrained(student_path)
+    prompts = [encode_prompt(tokenizer, p) for p in load_prompts(config.prompts)]
+    student, num_experts, num_rows = build_opd_student(config)
+    teacher = make_teacher(config.teacher, accelerator.device, config.teacher_cache, config.teacher_api_key)
+    sampler = OnPolicySampler(
+        config, tokenizer, prompts, teacher, num_rows, accelerator.process_index, accelerator.num_processes
+    )
+
+    def step_loss(model: torch.nn.Module, step: int, acc: Accelerator) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = sampler.batch(acc.unwrap_model(model), step, acc.device)
+        loss, metrics = opd_loss(model, batch, num_experts, config)
+        return loss, metrics | {"tokens": float(batch.attention_mask.sum())}
+
+    model, log = run_training(accelerator, student, config.optim, config.run_dir, step_loss, resume, "opd")
+    if accelerator.is_main_process:
+        _save_student(model, config, log, num_experts, num_rows - num_experts, student_path)
+    accelerator.wait_for_everyone()
+    return config.out
+
+
+def _save_student(
+    model: torch.nn.Module, config: OpdConfig, log: MetricsLog, num_experts: int, num_zero: int, source: Path
+) -> None:
+    target = group_aux_target_ratio(num_experts, num_zero, config.group_loss.zero_group_weight)
+    summary = {"stage": "opd", "config": json.loads(config.model_dump_json()), "target_zero_ratio": target}
+    curves = ["loss", "policy", "l_ga", "r_ze", "reverse_kl"]
+    save_trained_model(model, config.out, source, log, curves, config.run_dir / "curves.png", "ZEDA OPD", summary)

@@ -1,0 +1,73 @@
+"""``zeda serve``: the OpenAI-compatible server (no arguments: the committed tiny ZEDA model on CPU)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from zeda_core.errors import ZedaError
+
+FLAGS = {
+    "--model": (str, "checkpoint directory or hub id (ZEDA, reference-format, or a plain MoE as the baseline)"),
+    "--served-model-name": (str, "the model id clients send (default: the checkpoint's directory name)"),
+    "--backend": (str, "torch (CPU or one GPU) or sglang (GPU hosts)"),
+    "--device": (str, "torch device of the torch engine, e.g. cpu or cuda"),
+    "--dtype": (str, "auto, float32, bfloat16 or float16"),
+    "--host": (str, "interface to listen on"),
+    "--port": (int, "port to listen on"),
+    "--api-key": (str, "require this bearer key on inference routes"),
+    "--admin-key": (str, "require this bearer key on admin routes"),
+    "--max-batch": (int, "requests decoded together"),
+    "--max-queue": (int, "requests held before answering 429"),
+    "--max-tokens-cap": (int, "largest max_tokens a request may ask for"),
+}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("serve", help="serve a model over the OpenAI API", description=__doc__)
+    for flag, (kind, help_text) in FLAGS.items():
+        parser.add_argument(
+            flag, type=kind, default=None, help=f"{help_text} (env ZEDA_{flag[2:].upper().replace('-', '_')})"
+        )
+    parser.add_argument("--config", type=Path, default=None, help="YAML settings file (env ZEDA_CONFIG_FILE)")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+    from pydantic import ValidationError
+
+    from zeda_server.app import create_app
+    from zeda_server.engine import TorchEngine
+    from zeda_server.settings import ServerSettings
+
+    if args.config is not None:
+        if not args.config.is_file():
+            raise ZedaError(f"settings file {args.config} does not exist")
+        os.environ["ZEDA_CONFIG_FILE"] = str(args.config)
+    given = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag in FLAGS}
+    try:
+        settings = ServerSettings(**{key: value for key, value in given.items() if value is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors()
+        )
+        raise ZedaError(f"invalid settings: {problems}") from exc
+    if settings.backend == "sglang":
+        raise ZedaError("backend 'sglang' is not available in this build; use --backend torch")
+    dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
+    engine = TorchEngine(settings.model, settings.device, dtype, settings.max_batch, settings.max_queue)
+    app = create_app(settings, engine)
+    print(
+        f"zeda serve: {settings.model_name} ({engine.fingerprint}) on http://{settings.host}:{settings.port}"
+        f"  dashboard: /dashboard  metrics: /metrics",
+        flush=True,
+    )
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
+    finally:
+        engine.shutdown()
+    return 0
