@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.zeda-installed
 
-.PHONY: serve test lint teacher
+.PHONY: serve test lint teacher zeda
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,12 +12,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Until the HTTP server lands, `make serve` runs the loop that exists: convert the committed
-# tiny teacher and measure the routing and expert-FLOP savings of the result.
-DEMO := build/demo
+# The main job: the OpenAI-compatible server on the committed tiny ZEDA model, on CPU, offline.
+# Open http://127.0.0.1:8000/dashboard for the live savings. Settings: `zeda serve --help`.
 serve: $(STAMP)
-	$(VENV)/bin/zeda convert --model models/tiny-teacher --zero-experts 4 --init gaussian --out $(DEMO)/zeda --overwrite
-	$(VENV)/bin/zeda inspect --model $(DEMO)/zeda
+	$(VENV)/bin/zeda serve
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -32,3 +30,10 @@ teacher: $(STAMP)
 	$(VENV)/bin/zeda data build --out build/data --seed 0 --overwrite
 	$(VENV)/bin/zeda train teacher --config trainer/configs/tiny-teacher.yaml
 	$(VENV)/bin/zeda eval --model models/tiny-teacher --data build/data
+
+# Rebuild the committed tiny ZEDA model from the committed teacher: SFT, then OPD, then eval.
+zeda: $(STAMP)
+	$(VENV)/bin/zeda data build --out build/data --seed 0 --overwrite
+	$(VENV)/bin/zeda train sft --config trainer/configs/tiny-sft.yaml
+	$(VENV)/bin/zeda train opd --config trainer/configs/tiny-opd.yaml
+	$(VENV)/bin/zeda eval --model build/models/tiny-zeda --data build/data

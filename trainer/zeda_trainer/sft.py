@@ -47,6 +47,8 @@ class TextMixConfig(BaseModel):
     path: Path = Path("build/data/text/train.jsonl")
     rows: int = Field(default=0, ge=0)
     block_size: int = 128
+    in_group_loss: bool = True
+    """Whether text tokens enter L_GA; when not, the zero share is steered on rollout tokens alone."""
 
 
 class SftConfig(BaseModel):
@@ -92,8 +94,11 @@ def sft_loss(
     teacher: torch.nn.Module | None = None,
     kl_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss of one batch and its metrics; padding enters neither the losses nor the ratios."""
-    token_mask = batch["attention_mask"].bool()
+    """Loss of one batch and its metrics; padding enters neither the losses nor the ratios.
+
+    ``batch["group_mask"]`` ([B, S], optional) narrows the tokens L_GA and the r_ze metrics see.
+    """
+    token_mask = batch.get("group_mask", batch["attention_mask"]).bool()
     with record_routing(token_mask=token_mask, keep_probs=True) as recorder:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     targets = batch["labels"][:, 1:]
@@ -169,6 +174,10 @@ def train_sft(config: SftConfig, resume: bool = False) -> Path:
             text_rows = global_batch_rows(step, config.text.rows, len(text_blocks), config.seed + 1)[rank::world]
             chosen += [{"prompt_ids": [], "completion_ids": text_blocks[i].tolist()} for i in text_rows.tolist()]
         batch = collate(chosen, tokenizer.pad_token_id, acc.device)
+        if text_blocks is not None and not config.text.in_group_loss:
+            group_mask = batch["attention_mask"].clone()
+            group_mask[len(rows) :] = 0
+            batch["group_mask"] = group_mask
         loss, metrics = sft_loss(model, batch, num_experts, config.group_loss, teacher, config.kl_weight)
         return loss, metrics | {"tokens": float(batch["attention_mask"].sum())}
 

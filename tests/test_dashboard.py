@@ -1,0 +1,52 @@
+"""The live dashboard in headless Chromium: it renders offline and its numbers move after requests."""
+
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import sync_playwright
+
+from server_process import running_server
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def test_dashboard_updates_live_after_requests(small_student: Path, tmp_path: Path) -> None:
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is missing: .ci/run installs it (apt-get install chromium)")
+        pytest.skip("Chromium is not installed here (CI installs it; `apt-get install chromium` to run this)")
+    with running_server(small_student) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        page = browser.new_page()
+        external: list[str] = []
+        page.on("request", lambda r: external.append(r.url) if not r.url.startswith(url) else None)
+        page.goto(f"{url}/dashboard")
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('updated')")
+        assert page.text_content("#requests") == "0"
+        before = tmp_path / "before.png"
+        page.screenshot(path=str(before))
+
+        for i in range(3):
+            body = {"model": "student", "messages": [{"role": "user", "content": f"What is {i} + 1?"}], "max_tokens": 8}
+            assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 200
+        page.wait_for_function("document.getElementById('requests').textContent === '3'", timeout=10_000)
+        ratio = float(page.text_content("#ratio"))
+        assert 0.0 < ratio < 1.0
+        assert page.text_content("#saved") != "0"
+        after = tmp_path / "after.png"
+        page.screenshot(path=str(after))
+        browser.close()
+    assert before.stat().st_size > 5_000 and after.read_bytes() != before.read_bytes()
+    assert external == []  # no CDN: every request the page made went to the server
