@@ -8,7 +8,7 @@ import httpx
 import pytest
 from playwright.sync_api import sync_playwright
 
-from server_process import running_server
+from zeda_server.launch import running_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = [

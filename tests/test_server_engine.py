@@ -21,15 +21,7 @@ def engine(small_student: Path):
 
 
 def _prompts(engine: TorchEngine, count: int) -> list[list[int]]:
-    texts = [f"What is {i} + {2 * i + 3}?" for i in range(count)]
-    return [
-        list(
-            engine.tokenizer.apply_chat_template(
-                [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-        )
-        for t in texts
-    ]
+    return [engine.chat_prompt([{"role": "user", "content": f"What is {i} + {2 * i + 3}?"}]) for i in range(count)]
 
 
 async def _run(engine: TorchEngine, prompt: list[int], params: SamplingParams):

@@ -9,9 +9,8 @@ import openai
 import pytest
 import torch
 
+from zeda_server.launch import running_server
 from zeda_trainer.teacher import LocalTeacher, RemoteTeacher
-
-from server_process import running_server
 
 API_KEY = "test-key"
 

@@ -52,3 +52,19 @@ def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False) -> I
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_marked_section(path: Path, marker: str, section: str, header: str = "") -> None:
+    """Replace the part of ``path`` between ``<!-- marker -->`` and ``<!-- /marker -->`` with ``section``.
+
+    ``section`` must contain both marker comments. Without them in the file, the section is
+    appended (after ``header`` when the file does not exist). The file is rewritten atomically.
+    """
+    start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+    text = path.read_text() if path.is_file() else header
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        text = before + section.rstrip("\n") + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    atomic_write_text(path, text)

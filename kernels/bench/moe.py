@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from zeda_core.atomic import atomic_write_text
+from zeda_core.atomic import write_marked_section
 from zeda_kernels import moe_reference, zero_aware_moe
 from zeda_kernels.benchmarking import (
     SHAPES,
@@ -133,18 +133,8 @@ def markdown(rows: list[dict], device: str, command: str) -> str:
 
 def write_section(path: Path, section: str, device: str) -> None:
     """Replace this device's section of ``path`` (or append it), atomically."""
-    start, end = f"<!-- bench:moe:{device} -->", f"<!-- /bench:moe:{device} -->"
-    text = (
-        path.read_text()
-        if path.is_file()
-        else "# Benchmarks\n\nEvery number here was measured by the command shown with it.\n"
-    )
-    if start in text and end in text:
-        before, rest = text.split(start, 1)
-        text = before + section.rstrip("\n") + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    atomic_write_text(path, text)
+    header = "# Benchmarks\n\nEvery number here was measured by the command shown with it.\n"
+    write_marked_section(path, f"bench:moe:{device}", section, header)
 
 
 def summary_line(row: dict) -> str:

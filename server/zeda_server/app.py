@@ -83,9 +83,7 @@ def create_app(settings: ServerSettings, engine: TorchEngine) -> FastAPI:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         except ValueError as exc:
             raise ApiError(400, str(exc), param="messages") from exc
-        prompt = list(
-            engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        )
+        prompt = engine.chat_prompt(messages)
         params = _sampling(body, body.token_limit(), len(prompt), engine, settings)
         handle = _Handle(engine, metrics, "chat", prompt, params)
         await handle.start()

@@ -139,6 +139,13 @@ class TorchEngine:
     def running(self) -> int:
         return len(self._running)
 
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of chat ``messages`` (role, content) with the model's chat template and the
+        assistant turn opened."""
+        return list(
+            self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        )
+
     async def submit(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StepOutput]:
         """Stream the outputs of one request; closing the iterator early cancels it."""
         request = _Request(

@@ -42,7 +42,11 @@ class SamplingConfig(BaseModel):
 
 
 class OpdConfig(BaseModel):
-    """OPD recipe (YAML keys; ``--set key=value`` overrides them)."""
+    """OPD recipe (YAML keys; ``--set key=value`` overrides them).
+
+    Each step samples ``samples_per_prompt`` completions of ``batch_size`` prompts (split across
+    processes).
+    """
 
     model_config = ConfigDict(extra="forbid")
     student: Path = Path("build/models/tiny-zeda-sft")
@@ -54,6 +58,7 @@ class OpdConfig(BaseModel):
     out: Path = Path("build/models/tiny-zeda")
     seed: int = 0
     batch_size: int = Field(default=32, ge=1)
+    samples_per_prompt: int = Field(default=1, ge=1)
     updates_per_batch: int = Field(default=1, ge=1)
     sampling: SamplingConfig = SamplingConfig()
     clip_eps: float = Field(default=0.2, gt=0.0)
@@ -216,7 +221,7 @@ class OnPolicySampler:
     def _sample(self, model: torch.nn.Module, index: int, device: torch.device) -> OnPolicyBatch:
         config = self.config
         rows = global_batch_rows(index, config.batch_size, len(self.prompts), config.seed)[self.rank :: self.world]
-        prompts = [self.prompts[i] for i in rows.tolist()]
+        prompts = [self.prompts[i] for i in rows.tolist() for _ in range(config.samples_per_prompt)]
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index * 7919 + self.rank)
         model.eval()
         generations = generate(

@@ -1,4 +1,4 @@
-"""Start a real ``zeda serve`` process on loopback for end-to-end tests."""
+"""Start real ``zeda serve`` processes on loopback (end-to-end tests, benchmarks, A/B load tests)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,224 @@
+"""End-to-end serving benchmark: the ZEDA model against its teacher, side by side in one run.
+
+Both models are served by real ``zeda serve`` processes on loopback. For each concurrency, the
+same requests go to the teacher and to the ZEDA model in alternation (the order flips every
+round). The prompt mix is half chat skill questions and half Python code to continue. Reported
+per model: completion tokens/s, p50/p95 end-to-end latency, p50 TTFT, and r_ze from ``usage.zeda``.
+
+The MoE share of decode time is measured by profiling the teacher in this process: forward
+hooks time every MoE block and the whole model during batched decoding. Amdahl's bound for the
+ZEDA model's throughput gain is ``1 / ((1 - f) + f * (1 - r))``, with f that share and r the
+r_ze measured on this traffic.
+
+    python bench/serve.py --write BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import json
+import platform
+import shlex
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import httpx
+import torch
+
+from zeda_core.atomic import atomic_write_text, write_marked_section
+from zeda_core.moe import ZeroExpertMoeBlock
+from zeda_server.engine import SamplingParams, TorchEngine
+from zeda_server.launch import running_server
+
+MARKER = "bench:serve:cpu"
+
+
+def make_requests(count: int, max_tokens: int, seed: int) -> list[tuple[str, dict]]:
+    """(path, body) pairs: chat arithmetic/sorting questions and code continuations, greedy."""
+    import random
+
+    rng = random.Random(seed)
+    code = inspect.getsource(json).splitlines()
+    requests = []
+    for i in range(count):
+        if i % 2 == 0:
+            a, b = rng.randint(10, 999), rng.randint(10, 999)
+            question = rng.choice([f"What is {a} + {b}?", f"What is {a} - {b}?", f"Sort: {a} {b} {a % 97} {b % 89}"])
+            body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "temperature": 0}
+            requests.append(("/v1/chat/completions", body))
+        else:
+            start = rng.randrange(0, len(code) - 8)
+            prefix = "\n".join(code[start : start + 6]) + "\n"
+            requests.append(("/v1/completions", {"prompt": prefix, "max_tokens": max_tokens, "temperature": 0}))
+    return requests
+
+
+async def _one(client: httpx.AsyncClient, model: str, path: str, body: dict) -> dict:
+    started = time.perf_counter()
+    first = None
+    usage = None
+    async with client.stream("POST", path, json=body | {"model": model, "stream": True}) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if first is None:
+                first = time.perf_counter()
+            usage = chunk.get("usage") or usage
+    return {"latency": time.perf_counter() - started, "ttft": first - started, "usage": usage}
+
+
+async def run_load(url: str, model: str, requests: list[tuple[str, dict]], concurrency: int) -> dict:
+    """Send ``requests`` with ``concurrency`` workers; returns throughput, latencies and r_ze."""
+    queue: asyncio.Queue = asyncio.Queue()
+    for request in requests:
+        queue.put_nowait(request)
+    results: list[dict] = []
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+
+        async def worker() -> None:
+            while not queue.empty():
+                path, body = queue.get_nowait()
+                results.append(await _one(client, model, path, body))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    tokens = sum(r["usage"]["completion_tokens"] for r in results)
+    zeda = [r["usage"]["zeda"] for r in results]
+    dense = sum(z["dense_expert_flops"] for z in zeda)
+    latencies = sorted(r["latency"] for r in results)
+    return {
+        "requests": len(results),
+        "completion_tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "p50_latency_s": statistics.median(latencies),
+        "p95_latency_s": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))],
+        "p50_ttft_s": statistics.median(r["ttft"] for r in results),
+        "zero_expert_ratio": sum(z["expert_flops_saved"] for z in zeda) / dense if dense else 0.0,
+    }
+
+
+def moe_share(model_path: str, requests: list[tuple[str, dict]], streams: int, max_tokens: int) -> float:
+    """Share of model forward time spent in MoE blocks while ``streams`` greedy requests decode."""
+    engine = TorchEngine(model_path, max_batch=streams)
+    spent = {"moe": 0.0, "model": 0.0}
+    starts: dict[int, float] = {}
+
+    def before(module, _args) -> None:
+        starts[id(module)] = time.perf_counter()
+
+    def after(kind: str):
+        def hook(module, _args, _output) -> None:
+            spent[kind] += time.perf_counter() - starts.pop(id(module))
+
+        return hook
+
+    handles = [engine.model.register_forward_pre_hook(before), engine.model.register_forward_hook(after("model"))]
+    for block in (m for m in engine.model.modules() if isinstance(m, ZeroExpertMoeBlock)):
+        handles += [block.register_forward_pre_hook(before), block.register_forward_hook(after("moe"))]
+    chat = [b for p, b in requests if p.endswith("chat/completions")][:streams]
+    prompts = [engine.chat_prompt(b["messages"]) for b in chat]
+
+    async def decode() -> None:
+        async def one(prompt: list[int]) -> None:
+            async for _ in engine.submit(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0)):
+                pass
+
+        await asyncio.gather(*(one(p) for p in prompts))
+
+    try:
+        asyncio.run(decode())
+    finally:
+        for handle in handles:
+            handle.remove()
+        engine.shutdown()
+    return spent["moe"] / spent["model"]
+
+
+def markdown(results: dict, share: float, command: str) -> str:
+    concurrency = sorted({int(c) for c in results["teacher"]})
+    lines = [
+        f"<!-- {MARKER} -->",
+        f"## Serving on CPU: ZEDA demo model vs its teacher ({platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads)",
+        "",
+        f"Command: `{command}` ({date.today().isoformat()}). Torch engine, fp32, greedy, "
+        f"{results['max_tokens']} max tokens, {results['requests']} requests per cell (half chat skills, half code).",
+        "",
+        "| streams | model | tokens/s | p50 latency | p95 latency | p50 TTFT | r_ze (served) | ZEDA/teacher tokens/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in concurrency:
+        teacher, zeda = results["teacher"][str(c)], results["zeda"][str(c)]
+        for name, row in (("teacher", teacher), ("ZEDA", zeda)):
+            ratio = f"{zeda['tokens_per_s'] / teacher['tokens_per_s']:.2f}x" if name == "ZEDA" else ""
+            lines.append(
+                f"| {c} | {name} | {row['tokens_per_s']:.1f} | {row['p50_latency_s'] * 1e3:.0f} ms | "
+                f"{row['p95_latency_s'] * 1e3:.0f} ms | {row['p50_ttft_s'] * 1e3:.0f} ms | "
+                f"{row['zero_expert_ratio']:.3f} | {ratio} |"
+            )
+    top = str(max(concurrency))
+    r = results["zeda"][top]["zero_expert_ratio"]
+    bound = 1.0 / ((1.0 - share) + share * (1.0 - r))
+    gain = results["zeda"][top]["tokens_per_s"] / results["teacher"][top]["tokens_per_s"]
+    lines += [
+        "",
+        f"MoE share of the teacher's forward time at {top} streams (profiled): **{share:.1%}**. "
+        f"With r_ze = {r:.3f}, Amdahl's bound on the throughput gain is **{bound:.2f}x**. "
+        f"Measured gain at {top} streams: **{gain:.2f}x**, {gain / bound:.0%} of the bound "
+        f"({(gain - 1) / (bound - 1) if bound > 1 else 0:.0%} of the bound's speed-up over 1x).",
+        f"<!-- /{MARKER} -->",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", default="models/tiny-teacher")
+    parser.add_argument("--zeda", default="models/tiny-zeda")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--requests", type=int, default=48, help="requests per model and concurrency")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--write", type=Path, help="write the section of this Markdown file (BENCHMARKS.md)")
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    args = parser.parse_args()
+    command = shlex.join(["python", "bench/serve.py", *sys.argv[1:]])
+    requests = make_requests(args.requests, args.max_tokens, args.seed)
+    results: dict = {"teacher": {}, "zeda": {}, "requests": args.requests, "max_tokens": args.max_tokens}
+    names = {"teacher": Path(args.teacher).name, "zeda": Path(args.zeda).name}
+    with (
+        running_server(Path(args.teacher), "--max-batch", "32") as teacher_url,
+        running_server(Path(args.zeda), "--max-batch", "32") as zeda_url,
+    ):
+        urls = {"teacher": teacher_url, "zeda": zeda_url}
+        for key in urls:  # warm-up
+            asyncio.run(run_load(urls[key], names[key], requests[:4], 4))
+        for round_index, concurrency in enumerate(args.concurrency):
+            order = ["teacher", "zeda"] if round_index % 2 == 0 else ["zeda", "teacher"]
+            for key in order:
+                row = asyncio.run(run_load(urls[key], names[key], requests, concurrency))
+                results[key][str(concurrency)] = row
+                print(json.dumps({"model": key, "concurrency": concurrency, **row}), flush=True)
+    share = moe_share(args.teacher, requests, max(args.concurrency), args.max_tokens)
+    results["teacher_moe_share"] = share
+    section = markdown(results, share, command)
+    print(section)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
+    if args.write:
+        write_marked_section(args.write, MARKER, section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
