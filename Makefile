@@ -3,13 +3,15 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.zeda-installed
+# Extras installed with the project; CI adds `sglang` (11 GB) so the SGLang plugin tests run there.
+EXTRAS ?= dev
 
 .PHONY: serve test lint teacher zeda
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 # The main job: the OpenAI-compatible server on the committed tiny ZEDA model, on CPU, offline.

@@ -1,0 +1,115 @@
+"""Turn an SGLang MoE block into a zero-aware one: a gate of N + Z rows, ``zeda_core.route`` top-k,
+zero slots handed to the fused MoE as skipped (-1) slots.
+
+Only the Triton fused-MoE runner skips -1 slots (SGLang 0.5.23); any other runner would compute or
+crash on them, and EPLB / redundant experts would remap them. Those setups are refused at load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from sglang.srt.layers.linear import ReplicatedLinear
+from sglang.srt.layers.moe.topk import StandardTopKOutput, capture_routed_experts_if_allowed
+from torch import nn
+
+from zeda_core.errors import ZedaError
+from zeda_core.families import family_for_model_type
+from zeda_core.routing import route
+from zeda_core.spec import RoutingSpec, read_num_zero_experts
+from zeda_server.sglang_models.zero_slots import hand_off_zero_slots
+
+SKIPPING_RUNNERS = ("triton",)
+
+
+def routing_spec_of(config: Any) -> RoutingSpec:
+    """The ZEDA routing spec of an SGLang model config (ZEDA keys ``zce_nums`` etc. or reference format).
+
+    Raises:
+        ZedaError: the config has no zero experts or an unsupported family.
+    """
+    values = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+    num_zero = read_num_zero_experts(values)
+    if num_zero < 1:
+        raise ZedaError("config has no zero experts (zce_nums); serve it with the upstream SGLang model")
+    family = family_for_model_type(str(values["model_type"]))
+    return family.routing_spec(config, num_zero, bool(values.get("zeda_zero_logit_bias", False)))
+
+
+class ZeroAwareTopK(nn.Module):
+    """Drop-in for SGLang's ``TopK``: routes with ``zeda_core.route`` and skips zero slots.
+
+    Args:
+        spec: the layer's routing spec (N real + Z zero rows).
+        layer_id: decoder layer index (routed-experts capture).
+        correction_bias: [N + Z] selection bias for sigmoid families, else None.
+        scale_in_topk: whether the routed scaling factor belongs in the top-k weights (else the
+            experts apply it on their output).
+    """
+
+    def __init__(
+        self,
+        spec: RoutingSpec,
+        layer_id: int,
+        correction_bias: torch.Tensor | None = None,
+        scale_in_topk: bool = True,
+    ) -> None:
+        super().__init__()
+        self.spec = spec if scale_in_topk else dataclasses.replace(spec, routed_scaling_factor=1.0)
+        self.layer_id = layer_id
+        self.correction_bias = correction_bias
+        self.topk_config = _CaptureConfig()
+
+    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor, *args, **kwargs) -> StandardTopKOutput:
+        """[T, N + Z] router logits -> top-k output whose zero slots are id -1 with weight 0."""
+        routing = route(router_logits.float(), self.spec, selection_bias=self.correction_bias)
+        ids = routing.topk_ids.to(torch.int32)
+        capture_routed_experts_if_allowed(self.topk_config, self.layer_id, ids)  # zero slots still >= N here
+        ids, weights = hand_off_zero_slots(ids, routing.topk_weights.float(), self.spec.num_experts)
+        return StandardTopKOutput(weights, ids, router_logits)
+
+    def empty_topk_output(self, device: torch.device) -> StandardTopKOutput:
+        k = self.spec.top_k
+        return StandardTopKOutput(
+            torch.empty((0, k), dtype=torch.float32, device=device),
+            torch.empty((0, k), dtype=torch.int32, device=device),
+            torch.empty((0, self.spec.num_rows), dtype=torch.float32, device=device),
+        )
+
+
+@dataclasses.dataclass
+class _CaptureConfig:
+    allow_routed_experts_capture: bool = True
+
+
+def check_experts_skip_zero_slots(experts: nn.Module, layer_id: int) -> None:
+    """Refuse a fused-MoE setup that would compute or crash on skipped (-1) slots."""
+    runner = str(getattr(experts, "runner_backend", "triton")).lower()
+    if not any(name in runner for name in SKIPPING_RUNNERS):
+        hint = "start SGLang with --moe-runner-backend triton"
+        raise ZedaError(f"layer {layer_id}: MoE runner {runner!r} does not skip zero slots; {hint}")
+    if getattr(experts, "num_fused_shared_experts", 0):
+        hint = "pass --disable-shared-experts-fusion"
+        raise ZedaError(f"fused shared experts are not supported with zero experts; {hint}")
+
+
+def make_zero_aware(block: nn.Module, spec: RoutingSpec, hidden_size: int, layer_id: int, prefix: str) -> None:
+    """Give ``block`` (an SGLang sparse MoE block with ``gate``, ``topk``, ``experts``) N + Z router rows.
+
+    Softmax families get a ``ReplicatedLinear`` gate of N + Z rows (weight name ``gate.weight``);
+    sigmoid families keep their gate module, with ``weight`` and ``e_score_correction_bias``
+    resized to N + Z rows.
+    """
+    check_experts_skip_zero_slots(block.experts, layer_id)
+    if spec.score_func == "softmax":
+        block.gate = ReplicatedLinear(hidden_size, spec.num_rows, bias=False, prefix=f"{prefix}.gate")
+        bias = None
+    else:
+        gate = block.gate
+        gate.weight = nn.Parameter(torch.empty((spec.num_rows, hidden_size), dtype=torch.float32))
+        gate.e_score_correction_bias = nn.Parameter(torch.empty((spec.num_rows,), dtype=torch.float32))
+        bias = gate.e_score_correction_bias
+    scale_in_topk = bool(getattr(block.experts, "should_fuse_routed_scaling_factor_in_topk", True))
+    block.topk = ZeroAwareTopK(spec, layer_id, bias, scale_in_topk)

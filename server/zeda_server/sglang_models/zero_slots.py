@@ -1,0 +1,58 @@
+"""How the SGLang backend hands zero slots to the MoE kernels, and reads them back per request.
+
+Routing follows ``zeda_core.route``: a slot whose expert id is ``>= N`` is a zero slot. Before
+the fused MoE runs, zero slots get id -1 and weight 0. SGLang 0.5.23's Triton fused-MoE runner
+skips -1 blocks, so they are never computed (upstream's remap to expert 0 computes them).
+
+SGLang's routed-experts return captures ids right after top-k, before the hand-off, so zero
+slots appear there as ids ``>= N``: enough to count each request's real and zero slots.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import torch
+
+from zeda_core.errors import ZedaError
+
+SKIPPED_SLOT = -1
+
+
+def hand_off_zero_slots(
+    topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, K] ids (zero slots ``>= num_experts``) and weights -> (ids with -1 for zero slots, weights with 0).
+
+    The inputs are not modified; ids keep their dtype (int32 in SGLang).
+    """
+    zero = topk_ids >= num_experts
+    ids = torch.where(zero, torch.full_like(topk_ids, SKIPPED_SLOT), topk_ids)
+    weights = torch.where(zero, torch.zeros_like(topk_weights), topk_weights)
+    return ids, weights
+
+
+def routed_slot_counts(encoded: str, num_layers: int, top_k: int, num_experts: int) -> torch.Tensor:
+    """[L, 2] int64 (real, zero) slot counts of one request from SGLang's ``meta_info["routed_experts"]``.
+
+    Args:
+        encoded: base64 of little-endian int32 ids, shape [tokens, layers, top_k].
+        num_layers: MoE layers the capture covers.
+        top_k: slots per token.
+        num_experts: N; ids ``>= N`` are zero slots.
+
+    Raises:
+        ZedaError: the payload is not base64 or its size is not a multiple of ``layers * top_k``.
+    """
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except ValueError as exc:
+        raise ZedaError(f"routed_experts is not base64: {exc}") from exc
+    per_token = num_layers * top_k * 4
+    if len(raw) % per_token:
+        raise ZedaError(f"routed_experts has {len(raw)} bytes, not a multiple of {num_layers} x {top_k} int32")
+    ids = torch.from_numpy(np.frombuffer(raw, dtype="<i4").astype(np.int64)).view(-1, num_layers, top_k)
+    zero = (ids >= num_experts).sum(dim=(0, 2))
+    real = ids.shape[0] * top_k - zero
+    return torch.stack([real, zero], dim=1).long()
