@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from zeda_core import ZedaError, inject_zero_experts, load_model, save_model
 from zeda_core.families import FAMILIES
+from zeda_core.flops import FlopModel
 from zeda_core.routing import route
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,3 +145,23 @@ def test_runners_that_cannot_skip_zero_slots_are_refused() -> None:
 
 def test_zeda_loads_the_same_checkpoint_in_torch() -> None:
     assert load_model(TINY_ZEDA).config.zce_nums == [4]
+
+
+def test_sglang_engine_usage_from_routed_experts() -> None:
+    import base64
+
+    import numpy as np
+    from transformers import AutoConfig
+
+    from zeda_server.sglang_engine import flop_model_of, moe_layer_count, report_of, slot_counts_from_meta
+
+    config = AutoConfig.from_pretrained(TINY_ZEDA)
+    flop_model = flop_model_of(config)
+    assert moe_layer_count(config) == 4 and flop_model.top_k == 2
+    assert flop_model.slot_flops == FlopModel.from_model(load_model(TINY_ZEDA)).slot_flops
+    ids = np.full((5, 4, 2), 3, dtype="<i4")  # 5 tokens, 4 layers, K = 2
+    ids[:, :, 1] = 9  # every second slot is a zero slot (N = 8)
+    meta = {"routed_experts": base64.b64encode(ids.tobytes()).decode()}
+    report = report_of(slot_counts_from_meta(meta, flop_model, num_experts=8), flop_model)
+    assert report.tokens == 5 and report.zero_expert_ratio == 0.5
+    assert report.expert_flops == report.expert_flops_saved == 5 * 4 * flop_model.slot_flops

@@ -57,9 +57,15 @@ def run(args: argparse.Namespace) -> int:
         )
         raise ZedaError(f"invalid settings: {problems}") from exc
     if settings.backend == "sglang":
-        raise ZedaError("backend 'sglang' is not available in this build; use --backend torch")
-    dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
-    engine = TorchEngine(settings.model, settings.device, dtype, settings.max_batch, settings.max_queue)
+        try:
+            from zeda_server.sglang_engine import SglangEngine
+        except ImportError as exc:
+            raise ZedaError(f"--backend sglang needs the sglang extra (pip install 'zeda[sglang]'): {exc}") from exc
+        dtype_arg = {} if settings.dtype == "auto" else {"dtype": settings.dtype}
+        engine = SglangEngine(settings.model, settings.max_batch, settings.max_queue, **dtype_arg)
+    else:
+        dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
+        engine = TorchEngine(settings.model, settings.device, dtype, settings.max_batch, settings.max_queue)
     app = create_app(settings, engine)
     print(
         f"zeda serve: {settings.model_name} ({engine.fingerprint}) on http://{settings.host}:{settings.port}"

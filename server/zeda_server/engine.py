@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, DynamicCache
+from transformers import AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
 
 from zeda_core.checkpoint import load_model, resolve_checkpoint
 from zeda_core.flops import FlopModel, FlopReport, flop_report
@@ -116,7 +116,7 @@ class TorchEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         self.flop_model = FlopModel.from_model(self.model)
         self.context_length = int(self.model.config.max_position_embeddings)
-        self.fingerprint = _fingerprint(checkpoint)
+        self.fingerprint = checkpoint_fingerprint(checkpoint)
         self.device = torch.device(device)
         self.max_batch, self.max_queue = max_batch, max_queue
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -140,11 +140,7 @@ class TorchEngine:
         return len(self._running)
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of chat ``messages`` (role, content) with the model's chat template and the
-        assistant turn opened."""
-        return list(
-            self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        )
+        return chat_prompt_ids(self.tokenizer, messages)
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StepOutput]:
         """Stream the outputs of one request; closing the iterator early cancels it."""
@@ -324,10 +320,15 @@ def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
-def _fingerprint(checkpoint: Path) -> str:
+def checkpoint_fingerprint(checkpoint: Path) -> str:
     """``fp_`` + a short hash of the checkpoint's weights files (names, sizes, times)."""
     digest = hashlib.sha256()
     for path in sorted(checkpoint.glob("*.safetensors")):
         stat = path.stat()
         digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return "fp_" + digest.hexdigest()[:12]
+
+
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of chat ``messages`` (role, content) with the chat template and the assistant turn opened."""
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
