@@ -65,3 +65,11 @@ def test_full_size_recipe_dry_run(recipe: str, family: str, small_teacher: Path,
     out = train_opd(opd)
     assert read_num_zero_experts(json.loads((out / "config.json").read_text())) == num_experts // 2
     assert (tmp_path / "opd" / "metrics.jsonl").read_text().count("\n") == 2
+
+
+@pytest.mark.parametrize(("name", "kind"), [("fsdp-8gpu.yaml", "FSDP"), ("deepspeed-zero3-8gpu.yaml", "DEEPSPEED")])
+def test_multi_gpu_accelerate_configs_parse(name: str, kind: str) -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(CONFIGS / "accelerate" / name))
+    assert config.distributed_type.name == kind and config.num_processes == 8 and config.mixed_precision == "bf16"
