@@ -35,9 +35,10 @@ sys.path.insert(0, str(HERE))
 
 from locustfile import load_prompt_file  # noqa: E402
 
-from zeda_core.atomic import atomic_write_text  # noqa: E402
+from zeda_core.atomic import atomic_write_text, write_marked_section  # noqa: E402
 from zeda_server.launch import running_server  # noqa: E402
 
+AB_MARKER = "bench:ab:cpu"
 COUNTERS = ("zeda_expert_flops_saved_total", "zeda_dense_expert_flops_total", "zeda_expert_flops_total")
 
 
@@ -186,6 +187,42 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}.charts{{display:
 """
 
 
+def benchmark_section(result: dict) -> str:
+    """A BENCHMARKS.md section: both sides' figures and the B/A ratios, with the command."""
+    a, b = result["sides"]["A"], result["sides"]["B"]
+    names, load = result["names"], result["load"]
+
+    def ms(value: float | None) -> str:
+        return "n/a" if value is None else f"{value * 1e3:.0f} ms"
+
+    lines = [
+        f"<!-- {AB_MARKER} -->",
+        f"## A/B load test on CPU: {names['B']} vs {names['A']}",
+        "",
+        f"Command: `{result['command']}`.",
+        f"Load: {load['users']} users sending back to back, {load['run_time']} per run, {load['rounds']} rounds",
+        f"alternating the servers, greedy, {load['max_tokens']} max tokens, half the requests streamed.",
+        "",
+        "| server | requests | errors | tokens/s | requests/s | p50 latency | p95 latency | p50 TTFT "
+        "| r_ze (responses) | r_ze (/metrics) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for side, row in (("A", a), ("B", b)):
+        lines.append(
+            f"| {names[side]} | {row['requests']} | {row['errors']} | {row['tokens_per_s']:.1f} | "
+            f"{row['requests_per_s']:.2f} | {ms(row['p50_latency_s'])} | {ms(row['p95_latency_s'])} | "
+            f"{ms(row['p50_ttft_s'])} | {row['zero_expert_ratio']:.3f} | {row['metrics_zero_expert_ratio']:.3f} |"
+        )
+    ratios = result["ratios_b_over_a"]
+    lines += [
+        "",
+        f"{names['B']} / {names['A']}: throughput {ratios['tokens_per_s']:.2f}x, "
+        f"p50 latency {ratios['p50_latency_s']:.2f}x, p95 latency {ratios['p95_latency_s']:.2f}x.",
+        f"<!-- /{AB_MARKER} -->",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def write_outputs(result: dict, out: Path) -> None:
     atomic_write_text(out / "ab.json", json.dumps(result, indent=2) + "\n")
     buffer = io.StringIO()
@@ -244,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-key", default="")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("build/ab"))
+    parser.add_argument("--write", type=Path, help="also write the result's section of a Markdown file (BENCHMARKS.md)")
     args = parser.parse_args(argv)
     try:
         load_prompt_file(str(args.prompts))
@@ -265,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ab: error: {exc}", file=sys.stderr)
         return 2
     write_outputs(result, args.out)
+    if args.write:
+        write_marked_section(args.write, AB_MARKER, benchmark_section(result))
     for side in ("A", "B"):
         s = result["sides"][side]
         print(

@@ -15,6 +15,7 @@ def test_ab_against_teacher_and_zeda(small_teacher: Path, small_student: Path, t
     out = tmp_path / "ab"
     command = [*AB, "--a-model", str(small_teacher), "--b-model", str(small_student), "--users", "4"]
     command += ["--run-time", "10s", "--rounds", "1", "--max-tokens", "8", "--out", str(out)]
+    command += ["--write", str(tmp_path / "BENCHMARKS.md")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((out / "ab.json").read_text())
@@ -29,6 +30,8 @@ def test_ab_against_teacher_and_zeda(small_teacher: Path, small_student: Path, t
     page = (out / "report.html").read_text()
     assert "<svg" in page and "http" not in page.split("<body>")[0].replace("http://www.w3.org", "")
     assert (out / "A-round0_stats.csv").is_file() and (out / "B-round0.jsonl").is_file()
+    section = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "<!-- bench:ab:cpu -->" in section and "throughput" in section
 
 
 @pytest.mark.parametrize(
