@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,35 +23,38 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(model: Path, *flags: str, env: dict[str, str] | None = None) -> Iterator[str]:
-    """Yield the base URL of a ``zeda serve`` subprocess serving ``model``; stop it afterwards."""
+    """Yield the base URL of a ``zeda serve`` subprocess serving ``model``; stop it afterwards.
+
+    The server's log goes to a temporary file: an undrained pipe would fill up and block it.
+    """
     port = free_port()
     command = [sys.executable, "-m", "zeda_cli.main", "serve", "--model", str(model), "--port", str(port), *flags]
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"zeda serve exited: {process.stdout.read()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("zeda serve did not become healthy in 120 s")
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
+    with tempfile.TemporaryFile(mode="w+") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            url = _wait_healthy(process, port, log)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _wait_healthy(process: subprocess.Popen, port: int, log) -> str:
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        if process.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"zeda serve exited: {log.read()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return url
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("zeda serve did not become healthy in 120 s")
+        time.sleep(0.2)
