@@ -101,7 +101,7 @@ def create_app(settings: ServerSettings, engine: TorchEngine) -> FastAPI:
         if body.max_tokens == 0:
             if not body.echo:
                 raise ApiError(400, "max_tokens must be > 0 unless echo is true", param="max_tokens")
-            return await _score(prompts, body, engine, metrics, settings)
+            return await _score(prompts, engine, metrics, settings)
         if body.stream and len(prompts) > 1:
             raise ApiError(400, "streaming takes a single prompt", param="prompt")
         handles = []
@@ -258,7 +258,7 @@ def _completion_prompts(body: CompletionRequest, engine: TorchEngine) -> list[li
 
 
 async def _score(
-    prompts: list[list[int]], body: CompletionRequest, engine: TorchEngine, metrics: ServerMetrics, settings
+    prompts: list[list[int]], engine: TorchEngine, metrics: ServerMetrics, settings: ServerSettings
 ) -> dict[str, Any]:
     """``echo`` + ``max_tokens: 0``: the log-prob of every prompt token after the first."""
     for ids in prompts:
@@ -277,24 +277,25 @@ async def _score(
         }
         text = engine.tokenizer.decode(ids, skip_special_tokens=True)
         choices.append({"index": index, "text": text, "finish_reason": "length", "logprobs": logprobs})
-    envelope = {
-        "id": "cmpl-" + uuid.uuid4().hex[:24],
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": settings.model_name,
-        "system_fingerprint": engine.fingerprint,
-    }
+    envelope = _response_envelope(uuid.uuid4().hex[:24], int(time.time()), "text_completion", settings, engine)
     return envelope | {"choices": choices, "usage": usage_body(tokens, 0, report)}
 
 
 def _envelope(handle: _Handle, kind: str, settings: ServerSettings) -> dict[str, Any]:
+    return _response_envelope(handle.id, handle.created, kind, settings, handle.engine)
+
+
+def _response_envelope(
+    request_id: str, created: int, kind: str, settings: ServerSettings, engine: TorchEngine
+) -> dict[str, Any]:
+    """The fields every response and chunk carries: id, object, created, model, system_fingerprint."""
     prefix = "chatcmpl-" if kind.startswith("chat") else "cmpl-"
     return {
-        "id": prefix + handle.id,
+        "id": prefix + request_id,
         "object": kind,
-        "created": handle.created,
+        "created": created,
         "model": settings.model_name,
-        "system_fingerprint": handle.engine.fingerprint,
+        "system_fingerprint": engine.fingerprint,
     }
 
 
