@@ -33,6 +33,7 @@ def test_two_process_sft(small_teacher: Path, small_data: Path, tmp_path: Path) 
     overrides = {
         "teacher": small_teacher,
         "prompts": small_data / "prompts" / "sft.jsonl",
+        "text.path": small_data / "text" / "train.jsonl",
         "run_dir": tmp_path / "run",
         "out": tmp_path / "out",
         "batch_size": 8,

@@ -136,7 +136,12 @@ def _stage_command(stage: str, run_dir: Path, out: Path, small_teacher: Path, st
         "optim.lr": 1e-3,
     }
     if stage == "sft":
-        specific = {"teacher": small_teacher, "prompts": data / "prompts" / "sft.jsonl", "rollout.max_new_tokens": 8}
+        specific = {
+            "teacher": small_teacher,
+            "prompts": data / "prompts" / "sft.jsonl",
+            "text.path": data / "text" / "train.jsonl",
+            "rollout.max_new_tokens": 8,
+        }
     else:
         specific = {
             "student": student,
