@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
 
+from zeda_core.batching import pad_batch
 from zeda_core.checkpoint import load_model, resolve_checkpoint
 from zeda_core.flops import FlopModel, FlopReport, flop_report
 from zeda_core.losses import token_logprobs
@@ -215,13 +216,8 @@ class TorchEngine:
             self._drop_finished()
 
     def _prefill(self, requests: list[_Request]) -> None:
-        width = max(len(r.prompt_ids) for r in requests)
-        ids = torch.full((len(requests), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(requests), width), dtype=torch.long)
-        for row, request in enumerate(requests):
-            ids[row, width - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
-            attention[row, width - len(request.prompt_ids) :] = 1
-        ids, attention = ids.to(self.device), attention.to(self.device)
+        padded = pad_batch([r.prompt_ids for r in requests], self.tokenizer.pad_token_id, left=True)
+        ids, attention = (t.to(self.device) for t in padded)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         with record_routing(token_mask=attention.bool()) as recorder:
@@ -289,13 +285,8 @@ class TorchEngine:
 
     def _run_score(self, job: _ScoreJob) -> None:
         try:
-            width = max(map(len, job.sequences))
-            ids = torch.full((len(job.sequences), width), self.tokenizer.pad_token_id, dtype=torch.long)
-            attention = torch.zeros_like(ids)
-            for row, sequence in enumerate(job.sequences):
-                ids[row, : len(sequence)] = torch.tensor(sequence)
-                attention[row, : len(sequence)] = 1
-            ids, attention = ids.to(self.device), attention.to(self.device)
+            padded = pad_batch(job.sequences, self.tokenizer.pad_token_id)
+            ids, attention = (t.to(self.device) for t in padded)
             with torch.inference_mode(), record_routing(token_mask=attention.bool()) as recorder:
                 logits = self.model(input_ids=ids, attention_mask=attention).logits
             values = token_logprobs(logits[:, :-1], ids[:, 1:]).cpu()

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from zeda_core.batching import pad_batch
 from zeda_core.checkpoint import load_model, resolve_checkpoint
 from zeda_core.errors import ZedaError
 from zeda_core.flops import FlopModel, flop_report
@@ -141,11 +142,7 @@ def negative_log_likelihood(
     zero_aware = tally.flop_model is not None
     for start in range(0, len(windows), batch_size):
         chunk = windows[start : start + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, window in enumerate(chunk):
-            ids[row, : len(window)], mask[row, : len(window)] = torch.tensor(window), 1
+        ids, mask = pad_batch(chunk, tokenizer.pad_token_id or 0)
         with record_routing(token_mask=mask.bool()) as recorder:
             logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float().cpu()
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")

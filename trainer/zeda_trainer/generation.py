@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
+from zeda_core.batching import pad_batch
 from zeda_core.moe import ZeroExpertMoeBlock
 from zeda_core.recording import record_routing
 
@@ -99,12 +100,8 @@ def _generate_batch(
     record_routes: bool,
 ) -> list[Generation]:
     device = model.device
-    batch, width = len(prompts), max(len(p) for p in prompts)
-    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long, device=device)
-    attention = torch.zeros((batch, width), dtype=torch.long, device=device)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt) :] = torch.tensor(prompt, device=device)
-        attention[row, width - len(prompt) :] = 1
+    batch = len(prompts)
+    input_ids, attention = (t.to(device) for t in pad_batch(prompts, pad_token_id, left=True))
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     counts = torch.zeros(batch, 0, 2, dtype=torch.long)
     processed = torch.tensor([len(p) for p in prompts])

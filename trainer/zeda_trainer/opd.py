@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from zeda_core.batching import pad_batch
 from zeda_core.checkpoint import load_model, resolve_checkpoint
 from zeda_core.errors import ZedaError
 from zeda_core.losses import group_aux_loss_over_layers, group_aux_target_ratio, token_logprobs
@@ -123,16 +124,13 @@ def build_batch(
     num_rows: int,
     device: torch.device,
 ) -> OnPolicyBatch:
-    """Right-padded batch of prompt + completion; old log-probs are filled in by :func:`old_policy`."""
+    """Right-padded batch of prompt + completion; :class:`OnPolicySampler` fills in the old log-probs."""
     sequences = [p + g.tokens for p, g in zip(prompts, generations, strict=True)]
-    batch, width = len(sequences), max(map(len, sequences))
-    ids = torch.full((batch, width), pad_id, dtype=torch.long)
-    attention = torch.zeros((batch, width), dtype=torch.long)
+    ids, attention = pad_batch(sequences, pad_id)
+    batch, width = ids.shape
     completion = torch.zeros((batch, width - 1), dtype=torch.bool)
     teacher = torch.zeros((batch, width - 1), dtype=torch.float32)
     for row, (prompt, sequence, scores) in enumerate(zip(prompts, sequences, teacher_scores, strict=True)):
-        ids[row, : len(sequence)] = torch.tensor(sequence)
-        attention[row, : len(sequence)] = 1
         completion[row, len(prompt) - 1 : len(sequence) - 1] = True
         teacher[row, len(prompt) - 1 : len(sequence) - 1] = torch.tensor(scores)
     replay: dict[int, torch.Tensor] = {}

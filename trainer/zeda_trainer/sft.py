@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from zeda_core.batching import pad_batch
 from zeda_core.checkpoint import load_model, resolve_checkpoint
 from zeda_core.convert import inject_zero_experts
 from zeda_core.errors import ZedaError
@@ -74,13 +75,9 @@ class SftConfig(BaseModel):
 def collate(records: list[dict[str, Any]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Right-padded prompt + completion batch; ``labels`` is -100 on prompt and padding."""
     sequences = [r["prompt_ids"] + r["completion_ids"] for r in records]
-    width = max(map(len, sequences))
-    ids = torch.full((len(records), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(records), width), dtype=torch.long)
-    labels = torch.full((len(records), width), -100, dtype=torch.long)
+    ids, mask = pad_batch(sequences, pad_id)
+    labels = torch.full_like(ids, -100)
     for row, (record, sequence) in enumerate(zip(records, sequences, strict=True)):
-        ids[row, : len(sequence)] = torch.tensor(sequence)
-        mask[row, : len(sequence)] = 1
         start = len(record["prompt_ids"])
         labels[row, start : len(sequence)] = torch.tensor(record["completion_ids"], dtype=torch.long)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}

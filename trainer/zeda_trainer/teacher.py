@@ -14,6 +14,7 @@ from typing import Protocol
 import httpx
 import torch
 
+from zeda_core.batching import pad_batch
 from zeda_core.checkpoint import load_model
 from zeda_core.errors import ZedaError
 from zeda_core.losses import token_logprobs
@@ -65,13 +66,7 @@ class LocalTeacher:
     @torch.no_grad()
     def _score_all(self, sequences: list[list[int]]) -> list[list[float]]:
         """Log-probs of tokens 1..n-1 of each sequence (right-padded batch, one forward)."""
-        width = max(map(len, sequences))
-        ids = torch.zeros((len(sequences), width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, sequence in enumerate(sequences):
-            ids[row, : len(sequence)] = torch.tensor(sequence)
-            mask[row, : len(sequence)] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = (t.to(self.device) for t in pad_batch(sequences, pad_id=0))
         logits = self.model(input_ids=ids, attention_mask=mask).logits
         logprobs = token_logprobs(logits[:, :-1], ids[:, 1:]).cpu()
         return [logprobs[row, : len(sequence) - 1].tolist() for row, sequence in enumerate(sequences)]
