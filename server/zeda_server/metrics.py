@@ -36,7 +36,6 @@ class ServerMetrics:
         self.latency = Histogram("zeda_request_latency_seconds", "End-to-end.", buckets=LATENCY_BUCKETS, registry=r)
         self._lock = threading.Lock()
         self._events: collections.deque[tuple[float, int, int, int]] = collections.deque()
-        self._totals = {"real": 0, "zero": 0, "saved": 0, "spent": 0, "tokens": 0, "requests": 0}
 
     def record(self, endpoint: str, prompt_tokens: int, completion_tokens: int, report: FlopReport) -> None:
         """Account one finished request."""
@@ -48,16 +47,8 @@ class ServerMetrics:
         self.dense_expert_flops.inc(report.dense_expert_flops)
         self.real_slots.inc(report.real_slots)
         self.zero_slots.inc(report.zero_slots)
+        self.zero_ratio.set(self._zero_ratio())
         with self._lock:
-            totals = self._totals
-            totals["real"] += report.real_slots
-            totals["zero"] += report.zero_slots
-            totals["saved"] += report.expert_flops_saved
-            totals["spent"] += report.expert_flops
-            totals["tokens"] += completion_tokens
-            totals["requests"] += 1
-            slots = totals["real"] + totals["zero"]
-            self.zero_ratio.set(totals["zero"] / slots if slots else 0.0)
             self._events.append((time.time(), completion_tokens, report.real_slots, report.zero_slots))
             self._trim()
 
@@ -70,22 +61,36 @@ class ServerMetrics:
         with self._lock:
             self._trim()
             recent = [e for e in self._events if e[0] >= now - window]
-            totals = dict(self._totals)
         real, zero = sum(e[2] for e in recent), sum(e[3] for e in recent)
-        slots = totals["real"] + totals["zero"]
+        saved, spent = self._total("zeda_expert_flops_saved"), self._total("zeda_expert_flops")
+        requests = sum(
+            sample.value
+            for metric in self.requests.collect()
+            for sample in metric.samples
+            if sample.name == "zeda_requests_total" and sample.labels["status"] == "ok"
+        )
         return {
             "time": now,
-            "requests": totals["requests"],
-            "completion_tokens": totals["tokens"],
-            "expert_flops": totals["spent"],
-            "expert_flops_saved": totals["saved"],
-            "saved_share": totals["saved"] / (totals["saved"] + totals["spent"]) if slots else 0.0,
-            "zero_expert_ratio": totals["zero"] / slots if slots else 0.0,
+            "requests": int(requests),
+            "completion_tokens": int(self._total("zeda_completion_tokens")),
+            "expert_flops": spent,
+            "expert_flops_saved": saved,
+            "saved_share": saved / (saved + spent) if saved + spent else 0.0,
+            "zero_expert_ratio": self._zero_ratio(),
             "recent_zero_expert_ratio": zero / (real + zero) if real + zero else None,
             "tokens_per_s": sum(e[1] for e in recent) / window,
             "queue_depth": queue_depth,
             "running": running,
         }
+
+    def _total(self, name: str) -> float:
+        """A counter's value since start, read back from the registry."""
+        return self.registry.get_sample_value(f"{name}_total") or 0.0
+
+    def _zero_ratio(self) -> float:
+        """Zero-slot share of all routed slots since start."""
+        slots = self._total("zeda_real_slots") + self._total("zeda_zero_slots")
+        return self._total("zeda_zero_slots") / slots if slots else 0.0
 
     def _trim(self) -> None:
         horizon = time.time() - HISTORY_SECONDS
