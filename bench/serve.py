@@ -20,6 +20,7 @@ import asyncio
 import inspect
 import json
 import platform
+import random
 import shlex
 import statistics
 import sys
@@ -40,8 +41,6 @@ MARKER = "bench:serve:cpu"
 
 def make_requests(count: int, max_tokens: int, seed: int) -> list[tuple[str, dict]]:
     """(path, body) pairs: chat arithmetic/sorting questions and code continuations, greedy."""
-    import random
-
     rng = random.Random(seed)
     code = inspect.getsource(json).splitlines()
     requests = []
