@@ -111,7 +111,7 @@ def test_queue_bound_and_cancellation(small_student: Path) -> None:
 
 def test_score_matches_a_full_forward(engine: TorchEngine, small_student: Path) -> None:
     sequences = [[1, 5, 9, 13, 2], [1, 7, 3]]
-    scores, report = asyncio.run(engine.score(sequences))
+    scores, report, _ = asyncio.run(engine.score(sequences))
     model = load_model(small_student)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([sequences[0]])).logits

@@ -21,6 +21,10 @@ FLAGS = {
     "--max-batch": (int, "requests decoded together"),
     "--max-queue": (int, "requests held before answering 429"),
     "--max-tokens-cap": (int, "largest max_tokens a request may ask for"),
+    "--capture-db": (str, "capture prompts into this SQLite file (off when unset)"),
+    "--capture-completions": (str, "also capture completions (true/false)"),
+    "--capture-max-rows": (int, "rows the capture store keeps (oldest dropped first)"),
+    "--capture-max-age-days": (float, "captured rows older than this are dropped"),
 }
 
 

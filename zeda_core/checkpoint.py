@@ -28,7 +28,7 @@ from zeda_core.atomic import atomic_directory
 from zeda_core.convert import inject_zero_experts
 from zeda_core.errors import ZedaError
 from zeda_core.families import MoeFamily, family_for_config
-from zeda_core.spec import read_num_zero_experts
+from zeda_core.spec import RoutingSpec, read_num_zero_experts
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -61,6 +61,22 @@ def resolve_checkpoint(path_or_id: str | os.PathLike[str]) -> Path:
             f"model {str(path_or_id)!r} is neither a local directory nor a reachable hub id: {exc}"
         ) from exc
     return Path(local)
+
+
+def read_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """All weights of a checkpoint by the names the loaded model uses (per-expert keys fused).
+
+    Raises:
+        ZedaError: no safetensors weights, or a file that does not read as safetensors.
+    """
+    return _to_fused_layout(_read_weights(checkpoint), family_for_config(read_config(checkpoint)))
+
+
+def checkpoint_routing_spec(checkpoint: Path) -> RoutingSpec:
+    """The routing spec a checkpoint's config describes (``zero_logit_bias`` off: that one is in the weights)."""
+    raw = read_config(checkpoint)
+    family = family_for_config(raw)
+    return family.routing_spec(_base_config(raw, family), read_num_zero_experts(raw))
 
 
 def read_config(checkpoint: Path) -> dict[str, Any]:

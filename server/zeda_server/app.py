@@ -3,7 +3,12 @@
 Routes: ``/v1/chat/completions``, ``/v1/completions`` (streamed over SSE or not; prompt
 log-probs with ``echo`` + ``max_tokens: 0`` for remote teachers), ``/v1/models``, ``/health``,
 ``/metrics`` (Prometheus) and ``/dashboard`` (a live page fed by ``/dashboard/stats``).
-Every response's ``usage.zeda`` holds the request's own expert FLOPs.
+Every response's ``usage.zeda`` holds the request's own expert FLOPs, and its
+``system_fingerprint`` names the model version that produced it.
+
+Admin routes (bearer admin key; disabled without one): ``GET /admin/status``,
+``POST /admin/swap`` (validate a checkpoint, then hot-swap its router rows or all weights),
+``POST /admin/rollback`` and ``POST /admin/capture`` (pause or resume traffic capture).
 """
 
 from __future__ import annotations
@@ -20,8 +25,11 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict
 from sse_starlette import EventSourceResponse
 
+from zeda_server.candidates import CandidateRejected, Scope
+from zeda_server.capture import TrafficCapture
 from zeda_server.engine import QueueFull, SamplingParams, StepOutput, TorchEngine
 from zeda_server.errors import ApiError, error_response, install_error_handlers
 from zeda_server.metrics import ServerMetrics
@@ -31,11 +39,24 @@ from zeda_server.settings import ServerSettings
 RETRY_AFTER_SECONDS = "1"
 
 
+class SwapRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    checkpoint: str
+    scope: Scope = "router"
+
+
+class CaptureToggle(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool
+
+
 def create_app(settings: ServerSettings, engine: TorchEngine) -> FastAPI:
     """The FastAPI app serving ``engine`` under ``settings`` (keys, limits, names)."""
     app = FastAPI(title="ZEDA", version="0.1.0")
     metrics = ServerMetrics()
-    app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
+    capture = TrafficCapture(settings)
+    swap_lock = asyncio.Lock()
+    app.state.engine, app.state.metrics, app.state.settings, app.state.capture = engine, metrics, settings, capture
     install_error_handlers(app)
     if settings.cors_origins:
         app.add_middleware(
@@ -52,6 +73,44 @@ def create_app(settings: ServerSettings, engine: TorchEngine) -> FastAPI:
 
     def require_api_key(request: Request) -> None:
         _check_bearer(request, settings.api_key.get_secret_value() if settings.api_key else None, "API key")
+
+    def require_admin_key(request: Request) -> None:
+        if settings.admin_key is None:
+            raise ApiError(403, "the admin API is disabled: start the server with --admin-key", code="admin_disabled")
+        _check_bearer(request, settings.admin_key.get_secret_value(), "admin key")
+
+    @app.get("/admin/status", dependencies=[Depends(require_admin_key)])
+    async def admin_status() -> dict[str, Any]:
+        return engine.versions() | {"capture": capture.status()}
+
+    @app.post("/admin/swap", dependencies=[Depends(require_admin_key)])
+    async def admin_swap(body: SwapRequest) -> dict[str, Any]:
+        if swap_lock.locked():
+            raise ApiError(409, "another swap is in progress", code="swap_in_progress")
+        async with swap_lock:
+            try:
+                await engine.swap_checkpoint(body.checkpoint, body.scope)
+            except CandidateRejected as exc:
+                raise ApiError(422, f"checkpoint rejected: {exc}", "checkpoint", "checkpoint_rejected") from exc
+        return {"swapped": True} | engine.versions()
+
+    @app.post("/admin/rollback", dependencies=[Depends(require_admin_key)])
+    async def admin_rollback() -> dict[str, Any]:
+        async with swap_lock:
+            try:
+                await engine.rollback()
+            except LookupError as exc:
+                raise ApiError(409, str(exc), code="no_previous_version") from exc
+            except CandidateRejected as exc:
+                raise ApiError(422, f"rollback failed: {exc}", code="checkpoint_rejected") from exc
+        return {"rolled_back": True} | engine.versions()
+
+    @app.post("/admin/capture", dependencies=[Depends(require_admin_key)])
+    async def admin_capture(body: CaptureToggle) -> dict[str, Any]:
+        if capture.store is None:
+            raise ApiError(409, "capture needs a store: start the server with --capture-db", code="capture_unavailable")
+        capture.enabled = body.enabled
+        return capture.status()
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -86,6 +145,10 @@ def create_app(settings: ServerSettings, engine: TorchEngine) -> FastAPI:
         prompt = engine.chat_prompt(messages)
         params = _sampling(body, body.token_limit(), len(prompt), engine, settings)
         handle = _Handle(engine, metrics, "chat", prompt, params)
+        if capture.wants(request):
+            single_turn = len(messages) == 1 and messages[0]["role"] == "user"
+            text = messages[0]["content"] if single_turn else engine.tokenizer.decode(prompt)
+            handle.capture_as(capture, text, chat=single_turn)
         await handle.start()
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -95,7 +158,7 @@ def create_app(settings: ServerSettings, engine: TorchEngine) -> FastAPI:
         return _envelope(handle, "chat.completion", settings) | {"choices": [choice], "usage": handle.usage()}
 
     @app.post("/v1/completions", dependencies=[Depends(require_api_key)])
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         _check_model(body, settings)
         prompts = _completion_prompts(body, engine)
         if body.max_tokens == 0:
@@ -108,6 +171,8 @@ def create_app(settings: ServerSettings, engine: TorchEngine) -> FastAPI:
         for prompt in prompts:
             params = _sampling(body, body.max_tokens, len(prompt), engine, settings)
             handles.append(_Handle(engine, metrics, "completions", prompt, params))
+            if capture.wants(request):
+                handles[-1].capture_as(capture, engine.tokenizer.decode(prompt, skip_special_tokens=True), chat=False)
         for handle in handles:
             await handle.start()
         if body.stream:
@@ -142,13 +207,21 @@ class _Handle:
         self.token_ids: list[int] = []
         self.logprobs: list[float] = []
         self.final: StepOutput | None = None
+        self.fingerprint = engine.fingerprint
+        self.text_parts: list[str] = []
+        self._capture: tuple[TrafficCapture, str, bool] | None = None
         self._stream: AsyncIterator[StepOutput] | None = None
+
+    def capture_as(self, capture: TrafficCapture, prompt: str, chat: bool) -> None:
+        """Store this request in the traffic store when it finishes."""
+        self._capture = (capture, prompt, chat)
 
     async def start(self) -> None:
         """Queue the request; a full engine answers 429 before any response starts."""
         try:
             stream = self.engine.submit(self.prompt, self.params)
             self._first = await anext(stream)
+            self.fingerprint = self._first.fingerprint or self.fingerprint
         except QueueFull as exc:
             self.metrics.record_error(self.endpoint, 429)
             raise ApiError(
@@ -167,6 +240,7 @@ class _Handle:
                 self.metrics.ttft.observe(self.first_token_at - self.started)
             self.token_ids += output.token_ids
             self.logprobs += output.logprobs
+            self.text_parts.append(output.text)
             if output.finish_reason == "error":
                 self.metrics.record_error(self.endpoint, 500)
                 raise ApiError(500, f"generation failed: {output.error}", code="engine_error")
@@ -174,17 +248,20 @@ class _Handle:
                 self.final = output
                 self.metrics.latency.observe(time.perf_counter() - self.started)
                 self.metrics.record(self.endpoint, output.prompt_tokens, output.completion_tokens, output.report)
+                if self._capture is not None:
+                    capture, prompt, chat = self._capture
+                    text = "".join(self.text_parts)
+                    await capture.record(self.endpoint, prompt, chat, text, output.report, self.fingerprint)
                 yield output
                 return
             yield output
             output = await anext(self._stream)
 
     async def collect(self) -> tuple[str, str]:
-        parts, finish = [], "length"
+        finish = "length"
         async for output in self.outputs():
-            parts.append(output.text)
             finish = output.finish_reason or finish
-        return "".join(parts), finish
+        return "".join(self.text_parts), finish
 
     def usage(self) -> dict[str, Any]:
         final = self.final
@@ -265,7 +342,7 @@ async def _score(
         if len(ids) > engine.context_length:
             message = f"a prompt is {len(ids)} tokens; the context window is {engine.context_length}"
             raise ApiError(400, message, "prompt", "context_length_exceeded")
-    scores, report = await engine.score(prompts)
+    scores, report, fingerprint = await engine.score(prompts)
     tokens = sum(map(len, prompts))
     metrics.record("completions", tokens, 0, report)
     choices = []
@@ -277,16 +354,16 @@ async def _score(
         }
         text = engine.tokenizer.decode(ids, skip_special_tokens=True)
         choices.append({"index": index, "text": text, "finish_reason": "length", "logprobs": logprobs})
-    envelope = _response_envelope(uuid.uuid4().hex[:24], int(time.time()), "text_completion", settings, engine)
+    envelope = _response_envelope(uuid.uuid4().hex[:24], int(time.time()), "text_completion", settings, fingerprint)
     return envelope | {"choices": choices, "usage": usage_body(tokens, 0, report)}
 
 
 def _envelope(handle: _Handle, kind: str, settings: ServerSettings) -> dict[str, Any]:
-    return _response_envelope(handle.id, handle.created, kind, settings, handle.engine)
+    return _response_envelope(handle.id, handle.created, kind, settings, handle.fingerprint)
 
 
 def _response_envelope(
-    request_id: str, created: int, kind: str, settings: ServerSettings, engine: TorchEngine
+    request_id: str, created: int, kind: str, settings: ServerSettings, fingerprint: str
 ) -> dict[str, Any]:
     """The fields every response and chunk carries: id, object, created, model, system_fingerprint."""
     prefix = "chatcmpl-" if kind.startswith("chat") else "cmpl-"
@@ -295,7 +372,7 @@ def _response_envelope(
         "object": kind,
         "created": created,
         "model": settings.model_name,
-        "system_fingerprint": engine.fingerprint,
+        "system_fingerprint": fingerprint,
     }
 
 

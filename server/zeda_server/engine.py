@@ -8,18 +8,22 @@ token counts once at prefill and every generated token once when it is fed back.
 
 The HTTP layer talks to it through :meth:`TorchEngine.submit` (an async stream of
 :class:`StepOutput`) and :meth:`TorchEngine.score` (prompt log-probs, for remote teachers).
+
+Hot-swap: :meth:`TorchEngine.swap` installs a new :class:`ModelVersion` between two engine
+steps. New requests start on it; the rows already running keep decoding on the version they
+started on (its own KV batch) until they finish, then that version is released. Every output
+carries the fingerprint of the version that produced it. The version swapped out is kept for
+:meth:`TorchEngine.rollback`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
@@ -29,8 +33,10 @@ from zeda_core.checkpoint import load_model, resolve_checkpoint
 from zeda_core.flops import FlopModel, FlopReport, flop_report
 from zeda_core.losses import token_logprobs
 from zeda_core.recording import record_routing
+from zeda_server.candidates import Scope, prepare_version
 from zeda_server.kv_batch import KvBatch
 from zeda_server.text_stream import TextStream
+from zeda_server.versions import ModelVersion, checkpoint_fingerprint
 
 
 class QueueFull(Exception):
@@ -68,6 +74,16 @@ class StepOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    fingerprint: str = ""
+
+
+@dataclass
+class _Lane:
+    """The requests decoding on one model version, with their KV batch."""
+
+    version: ModelVersion
+    running: list[_Request] = field(default_factory=list)
+    kv: KvBatch | None = None
 
 
 @dataclass
@@ -93,6 +109,12 @@ class _ScoreJob:
     future: Future
 
 
+@dataclass
+class _SwapJob:
+    version: ModelVersion
+    future: Future
+
+
 class TorchEngine:
     """Serve one checkpoint (ZEDA, reference-format, or a plain MoE as the static baseline).
 
@@ -113,17 +135,18 @@ class TorchEngine:
         max_queue: int = 256,
     ) -> None:
         checkpoint = resolve_checkpoint(model_path)
-        self.model = load_model(checkpoint, dtype=dtype, device=device)
+        model = load_model(checkpoint, dtype=dtype, device=device)
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-        self.flop_model = FlopModel.from_model(self.model)
-        self.context_length = int(self.model.config.max_position_embeddings)
-        self.fingerprint = checkpoint_fingerprint(checkpoint)
+        self.flop_model = FlopModel.from_model(model)
+        self.context_length = int(model.config.max_position_embeddings)
         self.device = torch.device(device)
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.current = ModelVersion(model, checkpoint_fingerprint(checkpoint), str(checkpoint))
+        self.previous: ModelVersion | None = None
+        self._lanes: list[_Lane] = [_Lane(self.current)]  # the last lane takes new requests
         self._waiting: collections.deque[_Request] = collections.deque()
         self._scores: collections.deque[_ScoreJob] = collections.deque()
-        self._running: list[_Request] = []
-        self._kv: KvBatch | None = None
+        self._swaps: collections.deque[_SwapJob] = collections.deque()
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="zeda-engine", daemon=True)
@@ -138,7 +161,16 @@ class TorchEngine:
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        return sum(len(lane.running) for lane in self._lanes)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The model new requests start on."""
+        return self.current.model
+
+    @property
+    def fingerprint(self) -> str:
+        return self.current.fingerprint
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         return chat_prompt_ids(self.tokenizer, messages)
@@ -154,7 +186,7 @@ class TorchEngine:
             generator=torch.Generator().manual_seed(params.seed) if params.seed is not None else None,
         )
         with self._wake:
-            if len(self._waiting) + len(self._running) >= self.max_queue:
+            if len(self._waiting) + self.running >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests in flight")
             self._waiting.append(request)
             self._wake.notify()
@@ -167,13 +199,42 @@ class TorchEngine:
         finally:
             request.cancelled = True
 
-    async def score(self, sequences: list[list[int]]) -> tuple[list[list[float]], FlopReport]:
-        """Log-probs of tokens 1..n-1 of each sequence under the model, and the FLOPs spent."""
+    async def score(self, sequences: list[list[int]]) -> tuple[list[list[float]], FlopReport, str]:
+        """Log-probs of tokens 1..n-1 of each sequence under the model, the FLOPs spent, the fingerprint."""
         job = _ScoreJob(sequences, Future())
         with self._wake:
             self._scores.append(job)
             self._wake.notify()
         return await asyncio.wrap_future(job.future)
+
+    async def swap_checkpoint(self, checkpoint: str, scope: Scope) -> dict[str, object]:
+        """Validate ``checkpoint`` and swap it in (router rows or all weights); describes the new version.
+
+        Raises:
+            CandidateRejected: the checkpoint fails a check; the served version is unchanged.
+        """
+        version = await asyncio.to_thread(prepare_version, self.current, checkpoint, scope, self.tokenizer)
+        await self.swap(version)
+        return version.describe()
+
+    async def swap(self, version: ModelVersion) -> ModelVersion:
+        """Make ``version`` the one new requests start on (between two steps); returns the old one."""
+        job = _SwapJob(version, Future())
+        with self._wake:
+            self._swaps.append(job)
+            self._wake.notify()
+        return await asyncio.wrap_future(job.future)
+
+    def versions(self) -> dict[str, object]:
+        """The version new requests start on, and the one a rollback returns to."""
+        return {"current": self.current.describe(), "previous": self.previous.describe() if self.previous else None}
+
+    async def rollback(self) -> dict[str, object]:
+        """Swap the previous version back in (the current one becomes the previous); describes it."""
+        if self.previous is None:
+            raise LookupError("no previous version to roll back to")
+        await self.swap(self.previous)
+        return self.current.describe()
 
     def shutdown(self) -> None:
         with self._wake:
@@ -186,58 +247,72 @@ class TorchEngine:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not (self._stopping or self._waiting or self._scores or self._running):
+                while not (self._stopping or self._waiting or self._scores or self._swaps or self.running):
                     self._wake.wait()
                 if self._stopping:
                     return
+                swaps = list(self._swaps)
+                self._swaps.clear()
+                for job in swaps:
+                    self._install(job)
                 jobs = list(self._scores)
                 self._scores.clear()
-                room = self.max_batch - len(self._running)
+                room = self.max_batch - self.running
                 admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
             for job in jobs:
                 self._run_score(job)
-            try:
-                self._step(admitted)
-            except Exception as exc:  # fail the requests in flight, keep serving the next ones
-                for request in {id(r): r for r in [*self._running, *admitted]}.values():
-                    request.emit(StepOutput("", [], [], finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
-                    request.cancelled = True
-                self._running, self._kv = [], None
+            for lane in list(self._lanes):
+                try:
+                    self._step(lane, admitted if lane is self._lanes[-1] else [])
+                except Exception as exc:  # fail this lane's requests, keep serving the next ones
+                    for request in {id(r): r for r in [*lane.running, *admitted]}.values():
+                        error = f"{type(exc).__name__}: {exc}"
+                        request.emit(StepOutput("", [], [], finish_reason="error", error=error))
+                        request.cancelled = True
+                    lane.running, lane.kv = [], None
+            self._lanes = [lane for lane in self._lanes[:-1] if lane.running] + self._lanes[-1:]
+
+    def _install(self, job: _SwapJob) -> None:
+        """Open a lane for the new version; the old lanes drain. Runs on the engine thread."""
+        old = self.current
+        self.previous, self.current = old, job.version
+        self._lanes.append(_Lane(job.version))
+        job.future.set_result(old)
 
     @torch.inference_mode()
-    def _step(self, admitted: list[_Request]) -> None:
-        self._drop_finished()
+    def _step(self, lane: _Lane, admitted: list[_Request]) -> None:
+        self._drop_finished(lane)
         admitted = [r for r in admitted if not r.cancelled]
         if admitted:
-            self._prefill(admitted)
-            self._drop_finished()
-        if self._running:
-            self._decode()
-            self._drop_finished()
+            self._prefill(lane, admitted)
+            self._drop_finished(lane)
+        if lane.running:
+            self._decode(lane)
+            self._drop_finished(lane)
 
-    def _prefill(self, requests: list[_Request]) -> None:
+    def _prefill(self, lane: _Lane, requests: list[_Request]) -> None:
         padded = pad_batch([r.prompt_ids for r in requests], self.tokenizer.pad_token_id, left=True)
         ids, attention = (t.to(self.device) for t in padded)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache(config=lane.version.model.config)
         with record_routing(token_mask=attention.bool()) as recorder:
-            logits = self.model(
+            logits = lane.version.model(
                 input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True
             ).logits[:, -1]
         counts = recorder.slot_counts()
         for row, request in enumerate(requests):
             request.counts, request.processed = counts[row], len(request.prompt_ids)
         joined = KvBatch(cache, attention, positions[:, -1] + 1)
-        self._kv = joined if self._kv is None else self._kv.merge(joined)
-        self._running += requests
-        self._sample_and_emit(requests, logits)
+        lane.kv = joined if lane.kv is None else lane.kv.merge(joined)
+        lane.running += requests
+        self._sample_and_emit(lane, requests, logits)
 
-    def _decode(self) -> None:
-        kv = self._kv
-        ids = torch.tensor([[r.generated[-1]] for r in self._running], device=self.device)
+    def _decode(self, lane: _Lane) -> None:
+        kv = lane.kv
+        ids = torch.tensor([[r.generated[-1]] for r in lane.running], device=self.device)
         kv.extend()
         with record_routing() as recorder:
-            logits = self.model(
+            logits = lane.version.model(
                 input_ids=ids,
                 attention_mask=kv.attention,
                 position_ids=(kv.positions - 1)[:, None],
@@ -245,12 +320,12 @@ class TorchEngine:
                 use_cache=True,
             ).logits[:, -1]
         counts = recorder.slot_counts()
-        for row, request in enumerate(self._running):
+        for row, request in enumerate(lane.running):
             request.counts += counts[row]
             request.processed += 1
-        self._sample_and_emit(self._running, logits)
+        self._sample_and_emit(lane, lane.running, logits)
 
-    def _sample_and_emit(self, requests: list[_Request], logits: torch.Tensor) -> None:
+    def _sample_and_emit(self, lane: _Lane, requests: list[_Request], logits: torch.Tensor) -> None:
         """Sample one token per row of ``logits`` [B, V] and emit it to its request."""
         logits = logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)
@@ -265,7 +340,8 @@ class TorchEngine:
                 finish = "stop"
             elif len(request.generated) >= request.params.max_tokens:
                 finish = "length"
-            output = StepOutput(request.stream.delta(final=finish is not None), [token], [float(logprobs[row, token])])
+            delta = request.stream.delta(final=finish is not None)
+            output = StepOutput(delta, [token], [float(logprobs[row, token])], fingerprint=lane.version.fingerprint)
             if finish is not None:
                 output.finish_reason = finish
                 output.report = flop_report(request.counts, request.processed, self.flop_model)
@@ -273,27 +349,28 @@ class TorchEngine:
                 request.cancelled = True  # done: its row leaves the batch
             request.emit(output)
 
-    def _drop_finished(self) -> None:
-        keep = [row for row, request in enumerate(self._running) if not request.cancelled]
-        if len(keep) == len(self._running):
+    def _drop_finished(self, lane: _Lane) -> None:
+        keep = [row for row, request in enumerate(lane.running) if not request.cancelled]
+        if len(keep) == len(lane.running):
             return
-        self._running = [self._running[row] for row in keep]
+        lane.running = [lane.running[row] for row in keep]
         if keep:
-            self._kv.keep(keep)
+            lane.kv.keep(keep)
         else:
-            self._kv = None
+            lane.kv = None
 
     def _run_score(self, job: _ScoreJob) -> None:
         try:
             padded = pad_batch(job.sequences, self.tokenizer.pad_token_id)
             ids, attention = (t.to(self.device) for t in padded)
+            version = self.current
             with torch.inference_mode(), record_routing(token_mask=attention.bool()) as recorder:
-                logits = self.model(input_ids=ids, attention_mask=attention).logits
+                logits = version.model(input_ids=ids, attention_mask=attention).logits
             values = token_logprobs(logits[:, :-1], ids[:, 1:]).cpu()
             scores = [values[row, : len(s) - 1].tolist() for row, s in enumerate(job.sequences)]
             tokens = int(attention.sum())
             report = flop_report(recorder.slot_counts().sum(dim=0), tokens, self.flop_model)
-            job.future.set_result((scores, report))
+            job.future.set_result((scores, report, version.fingerprint))
         except Exception as exc:  # handed to the awaiting request, which answers with an error
             job.future.set_exception(exc)
 
@@ -309,15 +386,6 @@ def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         sorted_probs[outside] = 0.0
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
-
-
-def checkpoint_fingerprint(checkpoint: Path) -> str:
-    """``fp_`` + a short hash of the checkpoint's weights files (names, sizes, times)."""
-    digest = hashlib.sha256()
-    for path in sorted(checkpoint.glob("*.safetensors")):
-        stat = path.stat()
-        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return "fp_" + digest.hexdigest()[:12]
 
 
 def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:

@@ -32,6 +32,10 @@ class ServerSettings(BaseSettings):
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     cors_origins: list[str] = []
     trust_remote_code: bool = False
+    capture_db: Path | None = None
+    capture_completions: bool = False
+    capture_max_rows: int = Field(default=100_000, ge=1)
+    capture_max_age_days: float = Field(default=30.0, gt=0)
 
     @classmethod
     def settings_customise_sources(

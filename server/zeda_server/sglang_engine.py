@@ -5,26 +5,35 @@ the Triton fused-MoE runner (it skips zero slots) and the routed-experts return 
 request's ``usage.zeda`` comes from that return: ids ``>= N`` are zero slots. Prompt log-probs
 (remote teacher scoring) use SGLang's ``return_logprob`` with ``logprob_start_len=0``.
 
+Hot-swap goes through SGLang's weight-update API (``update_weights_from_disk``): its writer
+lock lets running requests finish on the old weights while new ones wait for the new ones.
+The candidate passes the same file checks as on the torch engine first, and a smoke generation
+after the update; a failed smoke test loads the previous checkpoint back.
+
 Not exercised on this project's CPU machines (SGLang's engine needs a GPU); the pure parts
 (usage from the routed-experts payload) are tested on CPU.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from zeda_core.checkpoint import resolve_checkpoint
+from zeda_core.checkpoint import read_state, resolve_checkpoint
 from zeda_core.flops import FlopModel, FlopReport, expert_slot_flops, flop_report
-from zeda_server.engine import QueueFull, SamplingParams, StepOutput, chat_prompt_ids, checkpoint_fingerprint
+from zeda_server.candidates import SMOKE_PROMPT, CandidateRejected, Scope, candidate_weights
+from zeda_server.engine import QueueFull, SamplingParams, StepOutput, chat_prompt_ids
 from zeda_server.sglang_models.plugin import register_configs
 from zeda_server.sglang_models.zero_aware import routing_spec_of
 from zeda_server.sglang_models.zero_slots import routed_slot_counts
 from zeda_server.text_stream import TextStream
+from zeda_server.versions import checkpoint_fingerprint
 
 
 def moe_layer_count(config: Any) -> int:
@@ -73,7 +82,9 @@ class SglangEngine:
         self.flop_model = flop_model_of(config)
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         self.context_length = int(config.max_position_embeddings)
+        self.checkpoint = checkpoint
         self.fingerprint = checkpoint_fingerprint(checkpoint)
+        self.previous: tuple[Path, str] | None = None
         self.max_queue = max_queue
         self._in_flight = 0
         self.engine = sglang.Engine(
@@ -120,7 +131,7 @@ class SglangEngine:
                 stream.update(generated)
                 meta = chunk["meta_info"]
                 finish = meta.get("finish_reason")
-                output = StepOutput(stream.delta(final=finish is not None), new, [])
+                output = StepOutput(stream.delta(final=finish is not None), new, [], fingerprint=self.fingerprint)
                 if finish is not None:
                     output.finish_reason = "length" if finish.get("type") == "length" else "stop"
                     counts = slot_counts_from_meta(meta, self.flop_model, self.spec.num_experts)
@@ -132,7 +143,7 @@ class SglangEngine:
         finally:
             self._in_flight -= 1
 
-    async def score(self, sequences: list[list[int]]) -> tuple[list[list[float]], FlopReport]:
+    async def score(self, sequences: list[list[int]]) -> tuple[list[list[float]], FlopReport, str]:
         results = await self.engine.async_generate(
             input_ids=sequences,
             sampling_params={"max_new_tokens": 1, "temperature": 0.0},
@@ -145,7 +156,46 @@ class SglangEngine:
             values = [entry[0] for entry in result["meta_info"]["input_token_logprobs"]][1 : len(sequence)]
             scores.append([float(v) for v in values])
             total += slot_counts_from_meta(result["meta_info"], self.flop_model, self.spec.num_experts)
-        return scores, report_of(total, self.flop_model)
+        return scores, report_of(total, self.flop_model), self.fingerprint
+
+    def versions(self) -> dict[str, Any]:
+        previous = {"fingerprint": self.previous[1], "source": str(self.previous[0])} if self.previous else None
+        return {"current": {"fingerprint": self.fingerprint, "source": str(self.checkpoint)}, "previous": previous}
+
+    async def swap_checkpoint(self, checkpoint: str, scope: Scope) -> dict[str, Any]:
+        """Validate ``checkpoint`` and load all its weights into the running SGLang engine."""
+        if scope != "all":
+            raise CandidateRejected("the sglang backend swaps whole checkpoints: use scope 'all'")
+        served = await asyncio.to_thread(read_state, self.checkpoint)
+        await asyncio.to_thread(candidate_weights, checkpoint, self.spec, served, "all")
+        await self._load(resolve_checkpoint(checkpoint))
+        return self.versions()["current"]
+
+    async def rollback(self) -> dict[str, Any]:
+        if self.previous is None:
+            raise LookupError("no previous version to roll back to")
+        await self._load(self.previous[0])
+        return self.versions()["current"]
+
+    async def _load(self, checkpoint: Path) -> None:
+        from sglang.srt.managers.io_struct import UpdateWeightFromDiskReqInput
+
+        request = UpdateWeightFromDiskReqInput(model_path=str(checkpoint))
+        success, message, *_ = await self.engine.tokenizer_manager.update_weights_from_disk(request, None)
+        if not success:
+            raise CandidateRejected(f"SGLang refused the weights: {message}")
+        old = (self.checkpoint, self.fingerprint)
+        self.checkpoint, self.fingerprint = checkpoint, checkpoint_fingerprint(checkpoint)
+        self.previous = old
+        smoke = SamplingParams(max_tokens=4, temperature=0.0)
+        try:
+            async for _ in self.submit(self.tokenizer(SMOKE_PROMPT).input_ids, smoke):
+                pass
+        except Exception as exc:  # the new weights do not serve: put the old ones back
+            back = UpdateWeightFromDiskReqInput(model_path=str(old[0]))
+            await self.engine.tokenizer_manager.update_weights_from_disk(back, None)
+            self.checkpoint, self.fingerprint = old
+            raise CandidateRejected(f"smoke generation failed: {type(exc).__name__}: {exc}") from exc
 
     def shutdown(self) -> None:
         self.engine.shutdown()
