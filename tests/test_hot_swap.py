@@ -1,0 +1,196 @@
+"""Router hot-swap on a running server: validation, admin auth, rollback, and a swap under streaming load."""
+
+import asyncio
+import json
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from zeda_core.checkpoint import load_model, save_model
+from zeda_server.launch import running_server
+
+ADMIN_KEY = "admin-secret"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+LOAD_CLIENTS = 16
+LOAD_SECONDS = 22.0
+SWAP_AT_SECONDS = 9.0
+
+
+@pytest.fixture(scope="module")
+def candidates(small_student: Path, small_teacher: Path, tmp_path_factory) -> dict[str, Path]:
+    """A good candidate (retrained router rows) and one broken candidate per check."""
+    root = tmp_path_factory.mktemp("candidates")
+    model = load_model(small_student)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                param.add_(0.5 * torch.randn(param.shape, generator=generator))
+    good = save_model(model, root / "good", side_files_from=small_student)
+
+    def variant(name: str, edit) -> Path:
+        path = root / name
+        shutil.copytree(good, path)
+        weights = path / "model.safetensors"
+        state = load_file(weights)
+        edit(state, weights)
+        return path
+
+    def nan_gate(state, weights):
+        state["model.layers.0.mlp.gate.weight"][0, 0] = float("nan")
+        save_file(state, weights)
+
+    def wide_gate(state, weights):
+        gate = state["model.layers.1.mlp.gate.weight"]
+        state["model.layers.1.mlp.gate.weight"] = torch.cat([gate, gate[:, :1]], dim=1)
+        save_file(state, weights)
+
+    def truncate(state, weights):
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2])
+
+    return {
+        "good": good,
+        "nan": variant("nan", nan_gate),
+        "wrong_shape": variant("wrong-shape", wide_gate),
+        "corrupt": variant("corrupt", truncate),
+        "no_zero_experts": small_teacher,
+    }
+
+
+@pytest.fixture(scope="module")
+def server(small_student: Path):
+    with running_server(small_student, "--admin-key", ADMIN_KEY, "--max-batch", "32") as url:
+        yield url
+
+
+def _complete(url: str) -> dict:
+    body = {"model": "student", "prompt": "What is 2 + 3?", "max_tokens": 4, "temperature": 0}
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_bad_swaps_are_refused_and_the_server_keeps_serving(server: str, candidates: dict[str, Path]) -> None:
+    before = _complete(server)["system_fingerprint"]
+    good = {"checkpoint": str(candidates["good"]), "scope": "router"}
+
+    missing = httpx.post(f"{server}/admin/swap", json=good, timeout=60)
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "missing_api_key"
+    wrong = httpx.post(f"{server}/admin/swap", json=good, headers={"Authorization": "Bearer nope"}, timeout=60)
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+    rollback = httpx.post(f"{server}/admin/rollback", headers=ADMIN, timeout=60)
+    assert rollback.status_code == 409 and "no previous version" in rollback.json()["error"]["message"]
+
+    reasons = {
+        "nan": "non-finite",
+        "wrong_shape": "has shape",
+        "corrupt": "cannot read",
+        "no_zero_experts": "routing spec differs",
+    }
+    for name, reason in reasons.items():
+        for scope in ("router", "all"):
+            body = {"checkpoint": str(candidates[name]), "scope": scope}
+            response = httpx.post(f"{server}/admin/swap", json=body, headers=ADMIN, timeout=60)
+            error = response.json()["error"]
+            assert response.status_code == 422 and error["code"] == "checkpoint_rejected", (name, response.text)
+            assert reason in error["message"], (name, error["message"])
+            assert _complete(server)["system_fingerprint"] == before
+    not_there = httpx.post(f"{server}/admin/swap", json={"checkpoint": "/nowhere"}, headers=ADMIN, timeout=60)
+    assert not_there.status_code == 422 and "does not exist" in not_there.json()["error"]["message"]
+    bad_scope = httpx.post(f"{server}/admin/swap", json=good | {"scope": "half"}, headers=ADMIN, timeout=60)
+    assert bad_scope.status_code == 400 and bad_scope.json()["error"]["param"] == "scope"
+    status = httpx.get(f"{server}/admin/status", headers=ADMIN, timeout=60).json()
+    assert status["current"]["fingerprint"] == before and status["previous"] is None
+
+
+async def _stream_until(url: str, deadline: float, client_id: int) -> list[dict]:
+    """Streamed completions back to back until ``deadline``; one record per request."""
+    records = []
+    async with httpx.AsyncClient(timeout=60) as client:
+        while time.monotonic() < deadline:
+            body = {
+                "model": "student",
+                "prompt": f"Sort: {client_id} {len(records)} 9 4",
+                "max_tokens": 24,
+                "temperature": 1.0,
+                "seed": client_id * 1000 + len(records),
+                "stream": True,
+            }
+            started = time.monotonic()
+            fingerprints, status, finished, first = set(), None, None, None
+            async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+                status = response.status_code
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line.removeprefix("data: "))
+                    if "error" in chunk:
+                        status = 500
+                        continue
+                    fingerprints.add(chunk["system_fingerprint"])
+                    first = first or time.monotonic()
+                    if chunk["choices"] and chunk["choices"][0]["finish_reason"]:
+                        finished = chunk["choices"][0]["finish_reason"]
+            records.append(
+                {
+                    "started": started,
+                    "first": first,
+                    "ended": time.monotonic(),
+                    "status": status,
+                    "fps": fingerprints,
+                    "end": finished,
+                }
+            )
+    return records
+
+
+def test_swap_under_16_streaming_clients_switches_version_without_failures(
+    server: str, candidates: dict[str, Path]
+) -> None:
+    old = _complete(server)["system_fingerprint"]
+
+    async def scenario():
+        start = time.monotonic()
+        load = [
+            asyncio.create_task(_stream_until(server, start + LOAD_SECONDS, client)) for client in range(LOAD_CLIENTS)
+        ]
+        await asyncio.sleep(SWAP_AT_SECONDS)
+        async with httpx.AsyncClient(timeout=120) as client:
+            swap_sent = time.monotonic()
+            body = {"checkpoint": str(candidates["good"]), "scope": "router"}
+            response = await client.post(f"{server}/admin/swap", json=body, headers=ADMIN)
+            swap_done = time.monotonic()
+        return response, swap_sent, swap_done, [r for task in load for r in await task], time.monotonic() - start
+
+    response, swap_sent, swap_done, records, elapsed = asyncio.run(scenario())
+    assert response.status_code == 200, response.text
+    new = response.json()["current"]["fingerprint"]
+    assert new != old and response.json()["previous"]["fingerprint"] == old
+    assert elapsed >= 20.0
+    assert all(r["status"] == 200 and r["end"] in {"stop", "length"} for r in records)
+    assert all(len(r["fps"]) == 1 for r in records)  # a request never changes version mid-stream
+    before = [r for r in records if r["ended"] < swap_sent]
+    after = [r for r in records if r["started"] > swap_done]
+    assert before and after and len(records) >= 2 * LOAD_CLIENTS
+    assert all(r["fps"] == {old} for r in before)
+    assert all(r["fps"] == {new} for r in after)
+    in_flight = [r for r in records if r["first"] < swap_sent and r["ended"] > swap_done]
+    assert in_flight and all(r["fps"] == {old} for r in in_flight)  # they finished on the old weights
+
+    rolled = httpx.post(f"{server}/admin/rollback", headers=ADMIN, timeout=60)
+    assert rolled.status_code == 200 and rolled.json()["current"]["fingerprint"] == old
+    assert rolled.json()["previous"]["fingerprint"] == new
+    assert _complete(server)["system_fingerprint"] == old
+
+
+def test_admin_api_is_disabled_without_an_admin_key(small_student: Path, candidates: dict[str, Path]) -> None:
+    with running_server(small_student) as url:
+        body = {"checkpoint": str(candidates["good"])}
+        response = httpx.post(f"{url}/admin/swap", json=body, headers=ADMIN, timeout=60)
+        assert response.status_code == 403 and response.json()["error"]["code"] == "admin_disabled"
