@@ -6,10 +6,20 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from zeda_cli import capture_cmd, convert_cmd, data_cmd, eval_cmd, inspect_cmd, serve_cmd, tiny_cmd, train_cmd
+from zeda_cli import (
+    capture_cmd,
+    convert_cmd,
+    data_cmd,
+    eval_cmd,
+    inspect_cmd,
+    retrain_cmd,
+    serve_cmd,
+    tiny_cmd,
+    train_cmd,
+)
 from zeda_core.errors import ZedaError
 
-SUBCOMMANDS = (tiny_cmd, convert_cmd, inspect_cmd, data_cmd, train_cmd, eval_cmd, serve_cmd, capture_cmd)
+SUBCOMMANDS = (tiny_cmd, convert_cmd, inspect_cmd, data_cmd, train_cmd, eval_cmd, serve_cmd, capture_cmd, retrain_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -168,31 +168,28 @@ def unigram_perplexity(tokenizer: PreTrainedTokenizerBase, train: list[str], tex
     return math.exp(nll / max(len(eval_ids), 1))
 
 
-def evaluate(
-    model_path: str | Path,
-    data_dir: Path,
-    eval_set: Path | None = None,
-    text: Path | None = None,
-    limit: int | None = None,
+def limit_per_skill(items: list[EvalItem], limit: int | None) -> list[EvalItem]:
+    """The first ``limit`` items of each skill, in order (all of them for ``None``)."""
+    if limit is None:
+        return items
+    kept: Counter[str] = Counter()
+    limited = []
+    for item in items:
+        kept[item.skill] += 1
+        if kept[item.skill] <= limit:
+            limited.append(item)
+    return limited
+
+
+def skill_accuracy(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    items: list[EvalItem],
+    tally: RoutingTally,
     batch_size: int = 64,
     max_new_tokens: int = 64,
-) -> dict[str, Any]:
-    """Evaluate a model; the result follows the ``zeda eval --json`` schema."""
-    if text is not None and not text.is_file():
-        raise ZedaError(f"--text {text} is not a file")
-    items = load_eval_set(eval_set or data_dir / "skills" / "test.jsonl")
-    if limit is not None:
-        kept: Counter[str] = Counter()
-        limited = []
-        for item in items:
-            kept[item.skill] += 1
-            if kept[item.skill] <= limit:
-                limited.append(item)
-        items = limited
-    model, zero_aware = load_any_model(model_path)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(model_path))
-    tally = RoutingTally(FlopModel.from_model(model) if zero_aware else None)
-
+) -> dict[str, dict[str, float]]:
+    """Greedy answers to ``items``: skill -> {accuracy, n}; routing goes into ``tally`` per skill."""
     budgets = [
         min(max_new_tokens, len(tokenizer(i.answer, add_special_tokens=False).input_ids) + 8)
         if i.scorer == "exact"
@@ -211,7 +208,26 @@ def evaluate(
     for item, gen in zip(items, generations, strict=True):
         right[item.skill].append(item.correct(tokenizer.decode(gen.tokens, skip_special_tokens=True)))
         tally.add(item.skill, gen.slot_counts, gen.processed_tokens)
-    skills = {name: {"accuracy": sum(v) / len(v), "n": len(v)} for name, v in sorted(right.items())}
+    return {name: {"accuracy": sum(v) / len(v), "n": len(v)} for name, v in sorted(right.items())}
+
+
+def evaluate(
+    model_path: str | Path,
+    data_dir: Path,
+    eval_set: Path | None = None,
+    text: Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 64,
+    max_new_tokens: int = 64,
+) -> dict[str, Any]:
+    """Evaluate a model; the result follows the ``zeda eval --json`` schema."""
+    if text is not None and not text.is_file():
+        raise ZedaError(f"--text {text} is not a file")
+    items = limit_per_skill(load_eval_set(eval_set or data_dir / "skills" / "test.jsonl"), limit)
+    model, zero_aware = load_any_model(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(model_path))
+    tally = RoutingTally(FlopModel.from_model(model) if zero_aware else None)
+    skills = skill_accuracy(model, tokenizer, items, tally, batch_size, max_new_tokens)
 
     validation = read_jsonl(data_dir / "text" / "validation.jsonl")
     train = read_jsonl(data_dir / "text" / "train.jsonl")
