@@ -14,6 +14,7 @@ from zeda_core import (
     record_routing,
     reverse_kl,
     token_logprobs,
+    zero_group_weight_for,
 )
 
 N, Z, K, T = 8, 4, 4, 60
@@ -41,6 +42,10 @@ def test_minimum_over_zero_share_is_the_target(weight: float) -> None:
 
 def test_reference_target_is_one_half() -> None:
     assert group_aux_target_ratio(128, 64, 2.0) == 0.5
+    for target in (0.1, 0.35, 0.5, 0.9):
+        assert group_aux_target_ratio(8, 4, zero_group_weight_for(target, 8, 4)) == pytest.approx(target)
+    with pytest.raises(ValueError, match="must lie in"):
+        zero_group_weight_for(1.0, 8, 4)
 
 
 def test_formula_value() -> None:

@@ -91,7 +91,7 @@ def test_killed_retrain_resumes_without_lost_progress_and_a_worse_candidate_is_r
     """On the committed tiny models: the small test models are too weak for a quality loss to show."""
     out = tmp_path / "run"
     # Target zero share 0.9 (w = 18 with N = 8, Z = 4) and a strong L_GA: a deliberately worse candidate.
-    worse = {"opd.group_loss.zero_group_weight": 18.0, "opd.group_loss.alpha": 5.0, "opd.optim.lr": 3e-3}
+    worse = {"target_zero_ratio": 0.9, "opd.group_loss.alpha": 5.0, "opd.optim.lr": 3e-3}
     teacher, base = REPO / "models" / "tiny-teacher", REPO / "models" / "tiny-zeda"
     args = _command(capture_db, base, out, teacher, small_data, **worse)
     command = [sys.executable, "-m", "zeda_cli.main", *args]
@@ -114,6 +114,7 @@ def test_killed_retrain_resumes_without_lost_progress_and_a_worse_candidate_is_r
     assert records[:2] == logged_before_kill and [json.loads(r)["step"] for r in records] == list(range(1, 7))
 
     verdict = json.loads((out / "verdict.json").read_text())
+    assert verdict["zero_group_weight"] == pytest.approx(18.0)
     assert verdict["decision"] == "refuse" and not verdict["promoted"], verdict
     assert verdict["candidate_metrics"]["traffic_zero_ratio"] > verdict["current_metrics"]["traffic_zero_ratio"]
     failed = {c["name"] for c in verdict["checks"] if not c["passed"]}

@@ -18,6 +18,7 @@ from zeda_core.losses import (
     opd_advantage,
     reverse_kl,
     token_logprobs,
+    zero_group_weight_for,
 )
 from zeda_core.moe import ZeroExpertMoeBlock, ZeroExpertRouter
 from zeda_core.recording import LayerRouting, RoutingRecorder, active_recorder, record_routing
@@ -60,4 +61,5 @@ __all__ = [
     "set_experts_backend",
     "token_logprobs",
     "write_num_zero_experts",
+    "zero_group_weight_for",
 ]

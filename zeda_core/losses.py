@@ -19,6 +19,13 @@ def group_aux_target_ratio(num_experts: int, num_zero_experts: int, zero_group_w
     return weighted / (weighted + num_experts)
 
 
+def zero_group_weight_for(target_ratio: float, num_experts: int, num_zero_experts: int) -> float:
+    """The ``w`` whose L_GA target share is ``target_ratio``: the inverse of :func:`group_aux_target_ratio`."""
+    if not 0.0 < target_ratio < 1.0:
+        raise ValueError(f"target zero ratio must lie in (0, 1), got {target_ratio}")
+    return target_ratio * num_experts / (num_zero_experts * (1.0 - target_ratio))
+
+
 def group_aux_loss(
     probs: torch.Tensor,
     zero_mask: torch.Tensor,

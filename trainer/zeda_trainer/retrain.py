@@ -6,7 +6,8 @@ One run, in ``out``:
    out or trained on by a hash of its text, so a held-out prompt is never trained on, in this
    run or a later one. The training set is topped up with a replay share of the original
    prompt set.
-2. ``run/`` and ``candidate/``: OPD from the serving checkpoint on that set. A killed run
+2. ``run/`` and ``candidate/``: OPD from the serving checkpoint on that set, its L_GA aimed at
+   the r_ze the server measured on the captured requests (``target_zero_ratio: served``). A killed run
    continues from its last checkpoint when the same command runs again.
 3. The gate scores the current and the candidate model on the same held-out set: mean skill
    accuracy on a fixed eval set, the teacher's NLL of each model's greedy completions of the
@@ -26,7 +27,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import httpx
 import torch
@@ -34,14 +35,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoTokenizer
 
 from zeda_core.atomic import atomic_write_text
-from zeda_core.checkpoint import load_model, resolve_checkpoint
+from zeda_core.checkpoint import checkpoint_routing_spec, load_model, resolve_checkpoint
 from zeda_core.flops import FlopModel
+from zeda_core.losses import zero_group_weight_for
 from zeda_core.traffic import TrafficStore
 from zeda_trainer.checkpointing import complete_checkpoints
 from zeda_trainer.evaluate import RoutingTally, limit_per_skill, load_eval_set, skill_accuracy
 from zeda_trainer.generation import generate
 from zeda_trainer.opd import OpdConfig, train_opd
 from zeda_trainer.rollouts import Prompt, encode_prompt, load_prompts
+from zeda_trainer.sft import GroupLossConfig
 from zeda_trainer.teacher import TeacherScorer, make_teacher
 
 VERDICT_FILE = "verdict.json"
@@ -71,6 +74,10 @@ class RetrainConfig(BaseModel):
     min_captured: int = Field(default=16, ge=1)
     replay_prompts: Path = Path("build/data/prompts/opd.jsonl")
     replay_share: float = Field(default=0.25, ge=0.0, lt=1.0)
+    target_zero_ratio: Literal["served"] | Annotated[float, Field(gt=0.0, lt=1.0)] | None = "served"
+    """The r_ze L_GA steers toward: ``served`` = the mean r_ze the server measured on the captured
+    requests (retraining then keeps the savings and moves where they are spent); a number; or
+    ``None`` to keep ``opd.group_loss.zero_group_weight`` as it is."""
     gate: GateConfig = GateConfig()
     promote_scope: Literal["router", "all"] = "all"
 
@@ -96,9 +103,12 @@ def snapshot_traffic(store: TrafficStore, config: RetrainConfig, data_dir: Path)
     if manifest.is_file():
         return json.loads(manifest.read_text())
     distinct: dict[str, Prompt] = {}
+    served_ratios = []
     for row in store.rows(limit=config.recent):
         prompt = Prompt(row.prompt, row.chat, "captured")
         distinct.setdefault(prompt.key, prompt)
+        if row.zero_expert_ratio is not None:
+            served_ratios.append(row.zero_expert_ratio)
     captured = list(distinct.values())
     held_out = [p for p in captured if is_held_out(p, config.gate.held_out_share)][: config.gate.held_out_max]
     train = [p for p in captured if not is_held_out(p, config.gate.held_out_share)]
@@ -113,6 +123,7 @@ def snapshot_traffic(store: TrafficStore, config: RetrainConfig, data_dir: Path)
         "captured_train": len(train),
         "replay": len(replay),
         "held_out": len(held_out),
+        "served_zero_ratio": sum(served_ratios) / len(served_ratios) if served_ratios else None,
         "created": time.time(),
     }
     atomic_write_text(manifest, json.dumps(summary, indent=2) + "\n")
@@ -220,15 +231,10 @@ def retrain_once(
             f" (need {config.min_captured} and 1)"
         ]
         return _finish(verdict, verdict_path)
-    opd = config.opd.model_copy(
-        update={
-            "student": base,
-            "prompts": out / "data" / "train.jsonl",
-            "run_dir": out / "run",
-            "out": out / "candidate",
-        }
-    )
     candidate = out / "candidate"
+    run_paths = {"student": base, "prompts": out / "data" / "train.jsonl", "run_dir": out / "run", "out": candidate}
+    opd = config.opd.model_copy(update=run_paths | {"group_loss": _group_loss(config, snapshot, base)})
+    verdict["zero_group_weight"] = opd.group_loss.zero_group_weight
     if not candidate.is_dir():
         train_opd(opd, resume=bool(complete_checkpoints(opd.run_dir)))
     teacher = make_teacher(opd.teacher, gate_device(), opd.teacher_cache, opd.teacher_api_key)
@@ -253,6 +259,18 @@ def retrain_once(
     elif passed:
         verdict["promotion"] = "not requested (no --server)"
     return _finish(verdict, verdict_path)
+
+
+def _group_loss(config: RetrainConfig, snapshot: dict[str, Any], base: Path) -> GroupLossConfig:
+    """The recipe's L_GA with ``w`` set so that its target share is ``config.target_zero_ratio``."""
+    target = config.target_zero_ratio
+    if target == "served":
+        target = snapshot["served_zero_ratio"]
+    if target is None:
+        return config.opd.group_loss
+    spec = checkpoint_routing_spec(base)
+    weight = zero_group_weight_for(target, spec.num_experts, spec.num_zero_experts)
+    return config.opd.group_loss.model_copy(update={"zero_group_weight": weight})
 
 
 def _finish(verdict: dict[str, Any], path: Path) -> dict[str, Any]:
