@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from zeda_cli import (
     capture_cmd,
+    compare_cmd,
     convert_cmd,
     data_cmd,
     eval_cmd,
@@ -19,7 +20,18 @@ from zeda_cli import (
 )
 from zeda_core.errors import ZedaError
 
-SUBCOMMANDS = (tiny_cmd, convert_cmd, inspect_cmd, data_cmd, train_cmd, eval_cmd, serve_cmd, capture_cmd, retrain_cmd)
+SUBCOMMANDS = (
+    tiny_cmd,
+    convert_cmd,
+    inspect_cmd,
+    data_cmd,
+    train_cmd,
+    eval_cmd,
+    serve_cmd,
+    capture_cmd,
+    retrain_cmd,
+    compare_cmd,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

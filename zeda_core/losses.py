@@ -86,6 +86,30 @@ def group_aux_loss_over_layers(
     return torch.stack(losses).mean()
 
 
+def load_balance_loss(recorder: RoutingRecorder) -> torch.Tensor:
+    """Switch-style load balance over all N + Z rows, averaged over layers (AdaMoE's loss).
+
+    Per layer: ``E * sum_i f_i * P_i``, with E = N + Z rows, ``f_i`` the share of routed slots
+    that went to row i (real or null) and ``P_i`` the mean routing probability of row i, over
+    the recorded tokens (``recorder.token_mask``). 1.0 when routing is uniform. Recorded with
+    ``keep_probs=True``.
+    """
+    if not recorder.layers or recorder.layers[0].probs is None:
+        raise ZedaError("the forward was not recorded with keep_probs=True")
+    losses = []
+    for layer in recorder.layers:
+        rows = layer.probs.shape[-1]
+        mask = recorder.token_mask
+        mask = torch.ones(layer.probs.shape[:2], dtype=torch.bool, device=layer.probs.device) if mask is None else mask
+        mask = mask.to(layer.probs.device).bool()
+        probs, ids = layer.probs[mask], layer.topk_ids[mask]  # [T, E], [T, K]
+        slot_share = torch.zeros(rows, device=probs.device).scatter_add_(
+            0, ids.reshape(-1), torch.ones(ids.numel(), device=probs.device)
+        ) / max(ids.numel(), 1)
+        losses.append(rows * (slot_share * probs.mean(dim=0)).sum())
+    return torch.stack(losses).mean()
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """[B, S, V] logits and [B, S] token ids -> [B, S] float32 log-probabilities of those tokens."""
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

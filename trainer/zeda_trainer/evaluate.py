@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,40 @@ class RoutingTally:
         }
 
 
+def text_windows(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """``texts`` cut into windows of at most PERPLEXITY_WINDOW token ids, each starting with BOS."""
+    windows = []
+    for ids in tokenizer(texts, add_special_tokens=False).input_ids:
+        for start in range(0, len(ids), PERPLEXITY_WINDOW - 1):
+            piece = ids[start : start + PERPLEXITY_WINDOW - 1]
+            if piece:
+                windows.append([tokenizer.bos_token_id, *piece] if tokenizer.bos_token_id is not None else piece)
+    return windows
+
+
 @torch.no_grad()
+def windowed_logits(
+    model: torch.nn.Module,
+    windows: list[list[int]],
+    pad_id: int,
+    tally: RoutingTally,
+    domain: str,
+    batch_size: int = 16,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(float32 CPU logits [B, W, V], ids [B, W], mask [B, W]) per batch of windows.
+
+    The routing of every window token is added to ``tally`` under ``domain``.
+    """
+    zero_aware = tally.flop_model is not None
+    for start in range(0, len(windows), batch_size):
+        ids, mask = pad_batch(windows[start : start + batch_size], pad_id)
+        with record_routing(token_mask=mask.bool()) as recorder:
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float().cpu()
+        if zero_aware:
+            tally.add(domain, recorder.slot_counts().sum(0), int(mask.sum()))
+        yield logits, ids, mask
+
+
 def negative_log_likelihood(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -132,25 +166,13 @@ def negative_log_likelihood(
 ) -> tuple[float, int]:
     """(summed NLL in nats, predicted tokens) over ``texts``, in windows of PERPLEXITY_WINDOW tokens
     that start with BOS; routing of every text token is added to ``tally`` under ``domain``."""
-    windows = []
-    for ids in tokenizer(texts, add_special_tokens=False).input_ids:
-        for start in range(0, len(ids), PERPLEXITY_WINDOW - 1):
-            piece = ids[start : start + PERPLEXITY_WINDOW - 1]
-            if piece:
-                windows.append([tokenizer.bos_token_id, *piece] if tokenizer.bos_token_id is not None else piece)
     total_nll, total_tokens = 0.0, 0
-    zero_aware = tally.flop_model is not None
-    for start in range(0, len(windows), batch_size):
-        chunk = windows[start : start + batch_size]
-        ids, mask = pad_batch(chunk, tokenizer.pad_token_id or 0)
-        with record_routing(token_mask=mask.bool()) as recorder:
-            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float().cpu()
+    windows = text_windows(tokenizer, texts)
+    for logits, ids, mask in windowed_logits(model, windows, tokenizer.pad_token_id or 0, tally, domain, batch_size):
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
         target_mask = mask[:, 1:].float()
         total_nll += float((nll * target_mask).sum())
         total_tokens += int(target_mask.sum())
-        if zero_aware:
-            tally.add(domain, recorder.slot_counts().sum(0), int(mask.sum()))
     return total_nll, total_tokens
 
 

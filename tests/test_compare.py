@@ -1,0 +1,91 @@
+"""``zeda compare`` on the small models: every method measured by the same code, the report, bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from zeda_cli.main import main
+from zeda_core.errors import ZedaError
+from zeda_trainer.adamoe import AdaMoeConfig
+from zeda_trainer.compare import CompareConfig, Point, run_compare
+from zeda_trainer.compare_report import baseline_accuracy_at, margins, write_report
+from zeda_trainer.loop import OptimConfig
+
+REPO = Path(__file__).parents[1]
+
+
+def _config(teacher: Path, student: Path, data: Path, tmp_path: Path) -> CompareConfig:
+    return CompareConfig(
+        teacher=teacher,
+        zeda=[student],
+        data_dir=data,
+        out=tmp_path / "out",
+        work_dir=tmp_path / "work",
+        eval_per_skill=2,
+        max_new_tokens=12,
+        text_windows=4,
+        calibration_blocks=4,
+        dynamic_skip_quantiles=[0.5, 1.0],
+        top_p=[0.1, 1.0],
+        adamoe_null_experts=[4],
+        adamoe=AdaMoeConfig(
+            top_k=3, block_size=64, batch_size=4, optim=OptimConfig(max_steps=3, warmup_steps=1, checkpoint_every=3)
+        ),
+    )
+
+
+def test_compare_measures_every_method_and_writes_an_offline_report(
+    small_teacher: Path, small_student: Path, small_data: Path, tmp_path: Path
+) -> None:
+    config = _config(small_teacher, small_student, small_data, tmp_path)
+    points = run_compare(config)
+    by_knob = {(p.method, p.knob): p for p in points}
+    assert [p.method for p in points] == ["teacher", "zeda", "dynamic-skip", "dynamic-skip", "top-p", "top-p", "adamoe"]
+    teacher = by_knob["teacher", "-"]
+    assert teacher.flops_saved == 0.0 and teacher.kl == pytest.approx(0.0, abs=1e-6)
+    full = by_knob["top-p", "p 1.0"]  # p = 1 is the original routing: the teacher's numbers exactly
+    assert full.flops_saved == 0.0 and full.kl == pytest.approx(0.0, abs=1e-6) and full.accuracy == teacher.accuracy
+    assert by_knob["top-p", "p 0.1"].flops_saved > 0.0 and by_knob["top-p", "p 0.1"].kl > 0.0
+    median, everything = by_knob["dynamic-skip", "quantile 0.5"], by_knob["dynamic-skip", "quantile 1.0"]
+    assert 0.0 < median.flops_saved < everything.flops_saved <= 0.5  # top-2: at most the second slot goes
+    assert by_knob["zeda", small_student.name].flops_saved > 0.0
+    assert (config.work_dir / "adamoe-z4-k3" / "config.json").is_file()
+
+    write_report(points, config)
+    record = json.loads((config.out / "compare.json").read_text())
+    assert len(record["points"]) == 7 and {m["baseline"] for m in record["margins"]} == {
+        "dynamic-skip",
+        "top-p",
+        "adamoe",
+    }
+    page = (config.out / "compare.html").read_text()
+    assert "data:image/png;base64," in page and "http://" not in page and "https://" not in page
+    assert (config.out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| zeda |" in (config.out / "compare.md").read_text()
+
+
+def _point(method: str, knob: str, saved: float, accuracy: float) -> Point:
+    return Point(method, knob, saved, saved, accuracy, 0.0, 1.0, "m")
+
+
+def test_baseline_accuracy_is_read_at_zedas_flop_level() -> None:
+    skip = [_point("dynamic-skip", "q 0.5", 0.25, 0.6), _point("dynamic-skip", "q 0.9", 0.45, 0.4)]
+    accuracy, how = baseline_accuracy_at(skip, 0.35)
+    assert accuracy == pytest.approx(0.5) and how.startswith("interpolated")
+    accuracy, how = baseline_accuracy_at(skip, 0.6)
+    assert accuracy == 0.4 and "more FLOPs than ZEDA" in how
+    accuracy, how = baseline_accuracy_at(skip, 0.1)
+    assert accuracy == 0.6 and "fewer FLOPs than ZEDA" in how
+    (margin,) = margins([_point("zeda", "z", 0.6, 0.7), *skip])
+    assert margin.margin == pytest.approx(0.3)
+
+
+def test_bad_input_is_refused_with_a_clear_message(
+    small_teacher: Path, small_student: Path, small_data: Path, tmp_path: Path, capsys
+) -> None:
+    config = _config(small_teacher, REPO / "models" / "tiny-zeda", small_data, tmp_path)
+    with pytest.raises(ZedaError, match="different tokenizer"):
+        run_compare(config)
+    assert main(["compare", "--teacher", str(small_teacher), "--zeda", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,222 @@
+"""``zeda compare``: quality against expert FLOPs saved, for ZEDA and the dynamic-MoE baselines.
+
+Every point is measured by the same code: greedy answers to the skills eval set (mean accuracy,
+and the share of expert FLOPs saved on that traffic, prompt and generated tokens, as served),
+and teacher-forced validation text (perplexity, and the per-token KL(teacher || model) against
+the frozen original). Methods and their knobs:
+
+- ``teacher``: the original model (0 % saved, the quality ceiling);
+- ``zeda``: each ZEDA checkpoint given (its FLOP level comes from its training target);
+- ``dynamic-skip``: the original model, beta per layer at a quantile of the calibration ratios;
+- ``top-p``: the original model, cumulative-probability threshold p;
+- ``adamoe``: the original model with Z null experts and a raised top-k, fine-tuned with a
+  load-balance loss (trained here, once per Z, and reused from ``work_dir``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm import tqdm
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from zeda_core.baselines import calibrate_dynamic_skip, dynamic_skip, routing_rule, top_p_routing
+from zeda_core.checkpoint import load_model, resolve_checkpoint
+from zeda_core.errors import ZedaError
+from zeda_core.flops import FlopModel
+from zeda_core.moe import ZeroExpertMoeBlock
+from zeda_trainer.adamoe import AdaMoeConfig, train_adamoe
+from zeda_trainer.checkpointing import complete_checkpoints
+from zeda_trainer.data.packing import pack_blocks, read_jsonl
+from zeda_trainer.evaluate import (
+    EvalItem,
+    RoutingTally,
+    limit_per_skill,
+    load_eval_set,
+    skill_accuracy,
+    text_windows,
+    windowed_logits,
+)
+
+
+class CompareConfig(BaseModel):
+    """What ``zeda compare`` sweeps and how much data each point is measured on."""
+
+    model_config = ConfigDict(extra="forbid")
+    teacher: Path = Path("models/tiny-teacher")
+    zeda: list[Path] = [Path("models/tiny-zeda")]
+    data_dir: Path = Path("build/data")
+    out: Path = Path("docs/compare")
+    work_dir: Path = Path("build/compare")
+    eval_per_skill: int = Field(default=50, ge=1)
+    max_new_tokens: int = Field(default=64, ge=1)
+    text_windows: int = Field(default=48, ge=1)
+    calibration_blocks: int = Field(default=32, ge=1)
+    dynamic_skip_quantiles: list[float] = [0.25, 0.5, 0.75, 0.9]
+    top_p: list[float] = [0.5, 0.6, 0.7, 0.8, 0.9]
+    adamoe_null_experts: list[int] = [4, 8, 16]
+    adamoe: AdaMoeConfig = AdaMoeConfig()
+
+
+@dataclass
+class Point:
+    """One measured (method, knob) point.
+
+    Attributes:
+        flops_saved: share of routed expert FLOPs saved on the skills eval traffic (prompt and
+            generated tokens), 0..1; ``flops_saved_text`` the same on the validation text.
+        accuracy: mean skill accuracy over skills; ``kl``: mean per-token KL(teacher || model) in
+            nats on the validation text; ``perplexity`` on that text.
+    """
+
+    method: str
+    knob: str
+    flops_saved: float
+    flops_saved_text: float
+    accuracy: float
+    kl: float
+    perplexity: float
+    model: str
+
+
+class Bench:
+    """The shared eval data and the teacher's text log-probs, prepared once."""
+
+    def __init__(self, config: CompareConfig) -> None:
+        self.config = config
+        self.teacher_path = resolve_checkpoint(config.teacher)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.teacher_path)
+        items = load_eval_set(config.data_dir / "skills" / "test.jsonl")
+        self.items: list[EvalItem] = limit_per_skill(items, config.eval_per_skill)
+        texts = [row["text"] for row in read_jsonl(config.data_dir / "text" / "validation.jsonl")]
+        self.windows = text_windows(self.tokenizer, texts)[: config.text_windows]
+        teacher = load_model(self.teacher_path)
+        self.teacher_logprobs = [
+            torch.log_softmax(logits, dim=-1)
+            for logits, _, _ in windowed_logits(teacher, self.windows, self.pad_id, RoutingTally(None), "text")
+        ]
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id or 0
+
+    def measure(self, model: torch.nn.Module, method: str, knob: str, name: str) -> Point:
+        tally = RoutingTally(FlopModel.from_model(model))
+        skills = skill_accuracy(model, self.tokenizer, self.items, tally, max_new_tokens=self.config.max_new_tokens)
+        nll, kl, tokens = 0.0, 0.0, 0
+        scored = windowed_logits(model, self.windows, self.pad_id, tally, "text")
+        for (logits, ids, mask), teacher in zip(scored, self.teacher_logprobs, strict=True):
+            logprobs = torch.log_softmax(logits, dim=-1)
+            target = mask[:, 1:].bool()
+            picked = logprobs[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+            nll -= float(picked[target].sum())
+            per_token_kl = (teacher.exp() * (teacher - logprobs)).sum(-1)[:, :-1]
+            kl += float(per_token_kl[target].sum())
+            tokens += int(target.sum())
+        return Point(
+            method=method,
+            knob=knob,
+            flops_saved=tally.summary(list(skills))["zero_expert_ratio"],
+            flops_saved_text=tally.summary(["text"])["zero_expert_ratio"],
+            accuracy=sum(s["accuracy"] for s in skills.values()) / len(skills),
+            kl=kl / tokens,
+            perplexity=float(torch.tensor(nll / tokens).exp()),
+            model=name,
+        )
+
+    def calibration_batches(self) -> list[torch.Tensor]:
+        """Packed training text (no padding) for the Dynamic Skipping calibration."""
+        texts = [row["text"] for row in read_jsonl(self.config.data_dir / "text" / "train.jsonl")]
+        blocks = pack_blocks(self.tokenizer, texts, 256, seed=0)[: self.config.calibration_blocks]
+        return list(blocks.split(8))
+
+
+def check_same_tokenizer(reference: PreTrainedTokenizerBase, path: Path, what: str) -> None:
+    """Refuse a model whose tokenizer differs from ``reference`` (scores would not be comparable)."""
+    other = AutoTokenizer.from_pretrained(path)
+    if other.get_vocab() != reference.get_vocab():
+        raise ZedaError(f"{what} {path} has a different tokenizer from the teacher's; compare needs one tokenizer")
+
+
+def run_compare(config: CompareConfig) -> list[Point]:
+    """Measure every point (the teacher, each ZEDA model, every baseline knob), in that order."""
+    for path in config.zeda:
+        resolve_checkpoint(path)
+    bench = Bench(config)
+    for path in config.zeda:
+        check_same_tokenizer(bench.tokenizer, resolve_checkpoint(path), "ZEDA model")
+    jobs = _jobs(config)
+    points = []
+    for method, knob, build in tqdm(jobs, desc="compare"):
+        model, name, rule = build(bench)
+        if rule is None:
+            points.append(bench.measure(model, method, knob, name))
+        else:
+            with routing_rule(model, rule):
+                points.append(bench.measure(model, method, knob, name))
+    return points
+
+
+def _jobs(config: CompareConfig) -> list[tuple]:
+    """(method, knob label, builder) for every point; a builder returns (model, name, rule or None)."""
+    teacher = str(config.teacher)
+
+    def original(bench: Bench):
+        return load_model(bench.teacher_path), teacher, None
+
+    def zeda(path: Path):
+        return lambda bench: (load_model(resolve_checkpoint(path)), str(path), None)
+
+    def skipping(quantile: float):
+        def build(bench: Bench):
+            model = load_model(bench.teacher_path)
+            betas = calibrate_dynamic_skip(model, bench.calibration_batches(), quantile)
+            return model, teacher, lambda layer: lambda _, routing: dynamic_skip(routing, betas[layer])
+
+        return build
+
+    def top_p(p: float):
+        def build(bench: Bench):
+            model = load_model(bench.teacher_path)
+            spec = next(m for m in model.modules() if isinstance(m, ZeroExpertMoeBlock)).spec
+            return model, teacher, lambda layer: lambda logits, _: top_p_routing(logits, spec, p)
+
+        return build
+
+    def adamoe(null_experts: int):
+        def build(bench: Bench):
+            path = adamoe_model(config, null_experts)
+            check_same_tokenizer(bench.tokenizer, path, "AdaMoE model")
+            return load_model(path), str(path), None
+
+        return build
+
+    return [
+        ("teacher", "-", original),
+        *[("zeda", path.name, zeda(path)) for path in config.zeda],
+        *[("dynamic-skip", f"quantile {q}", skipping(q)) for q in config.dynamic_skip_quantiles],
+        *[("top-p", f"p {p}", top_p(p)) for p in config.top_p],
+        *[("adamoe", f"Z {z}, k {config.adamoe.top_k}", adamoe(z)) for z in config.adamoe_null_experts],
+    ]
+
+
+def adamoe_model(config: CompareConfig, null_experts: int) -> Path:
+    """The AdaMoE checkpoint with ``null_experts`` null experts, trained into ``work_dir`` if missing."""
+    name = f"adamoe-z{null_experts}-k{config.adamoe.top_k}"
+    out = config.work_dir / name
+    if (out / "config.json").is_file():
+        return out
+    run_dir = config.work_dir / f"{name}-run"
+    recipe = config.adamoe.model_copy(
+        update={
+            "teacher": config.teacher,
+            "data_dir": config.data_dir,
+            "num_null_experts": null_experts,
+            "run_dir": run_dir,
+            "out": out,
+        }
+    )
+    return train_adamoe(recipe, resume=bool(complete_checkpoints(run_dir)))
