@@ -1,34 +1,18 @@
 """The live dashboard in headless Chromium: it renders offline and its numbers move after requests."""
 
-import os
-import shutil
 from pathlib import Path
 
 import httpx
-import pytest
+from browser import CHROMIUM_FLAGS, require_chromium
 from playwright.sync_api import sync_playwright
 
 from zeda_server.launch import running_server
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
 
 def test_dashboard_updates_live_after_requests(small_student: Path, tmp_path: Path) -> None:
-    if CHROMIUM is None:
-        if os.environ.get("CI"):
-            pytest.fail("Chromium is missing: .ci/run installs it (apt-get install chromium)")
-        pytest.skip("Chromium is not installed here (CI installs it; `apt-get install chromium` to run this)")
+    chromium = require_chromium()
     with running_server(small_student) as url, sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
         page = browser.new_page()
         external: list[str] = []
         page.on("request", lambda r: external.append(r.url) if not r.url.startswith(url) else None)

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from zeda_cli import (
+    analyze_cmd,
     capture_cmd,
     compare_cmd,
     convert_cmd,
@@ -31,6 +32,7 @@ SUBCOMMANDS = (
     capture_cmd,
     retrain_cmd,
     compare_cmd,
+    analyze_cmd,
 )
 
 

@@ -21,11 +21,10 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer
 
 from zeda_core.baselines import calibrate_dynamic_skip, dynamic_skip, routing_rule, top_p_routing
 from zeda_core.checkpoint import load_model, resolve_checkpoint
-from zeda_core.errors import ZedaError
 from zeda_core.flops import FlopModel
 from zeda_core.moe import ZeroExpertMoeBlock
 from zeda_trainer.adamoe import AdaMoeConfig, train_adamoe
@@ -40,6 +39,7 @@ from zeda_trainer.evaluate import (
     text_windows,
     windowed_logits,
 )
+from zeda_trainer.tokenizer import require_same_tokenizer
 
 
 class CompareConfig(BaseModel):
@@ -134,20 +134,13 @@ class Bench:
         return list(blocks.split(8))
 
 
-def check_same_tokenizer(reference: PreTrainedTokenizerBase, path: Path, what: str) -> None:
-    """Refuse a model whose tokenizer differs from ``reference`` (scores would not be comparable)."""
-    other = AutoTokenizer.from_pretrained(path)
-    if other.get_vocab() != reference.get_vocab():
-        raise ZedaError(f"{what} {path} has a different tokenizer from the teacher's; compare needs one tokenizer")
-
-
 def run_compare(config: CompareConfig) -> list[Point]:
     """Measure every point (the teacher, each ZEDA model, every baseline knob), in that order."""
     for path in config.zeda:
         resolve_checkpoint(path)
     bench = Bench(config)
     for path in config.zeda:
-        check_same_tokenizer(bench.tokenizer, resolve_checkpoint(path), "ZEDA model")
+        require_same_tokenizer(bench.tokenizer, resolve_checkpoint(path), "ZEDA model", "teacher")
     jobs = _jobs(config)
     points = []
     for method, knob, build in tqdm(jobs, desc="compare"):
@@ -189,7 +182,7 @@ def _jobs(config: CompareConfig) -> list[tuple]:
     def adamoe(null_experts: int):
         def build(bench: Bench):
             path = adamoe_model(config, null_experts)
-            check_same_tokenizer(bench.tokenizer, path, "AdaMoE model")
+            require_same_tokenizer(bench.tokenizer, path, "AdaMoE model", "teacher")
             return load_model(path), str(path), None
 
         return build

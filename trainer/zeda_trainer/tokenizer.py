@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from zeda_core.errors import ZedaError
 
 PAD, BOS, END = "<|pad|>", "<|bos|>", "<|end|>"
 ROLES = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
@@ -55,3 +58,9 @@ def chat_text(prompt: str, answer: str | None = None) -> str:
     (without the leading BOS, which tokenization adds)."""
     text = f"{ROLES['user']}{prompt}{END}{ROLES['assistant']}"
     return text if answer is None else f"{text}{answer}{END}"
+
+
+def require_same_tokenizer(reference: PreTrainedTokenizerBase, path: Path, what: str, reference_name: str) -> None:
+    """Refuse the model at ``path`` when its tokenizer differs from ``reference`` (scores would not line up)."""
+    if AutoTokenizer.from_pretrained(path).get_vocab() != reference.get_vocab():
+        raise ZedaError(f"{what} {path} has a different tokenizer from the {reference_name}'s; both must share one")
