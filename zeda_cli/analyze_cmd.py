@@ -28,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from zeda_core.errors import ZedaError
     from zeda_trainer.analyze import analyze
-    from zeda_trainer.analyze_report import write_analysis
+    from zeda_trainer.analyze_report import p_value_text, write_analysis
 
     for flag, value in (("--limit", args.limit), ("--max-new-tokens", args.max_new_tokens)):
         if value < 1:
@@ -37,6 +37,6 @@ def run(args: argparse.Namespace) -> int:
     write_analysis(analysis, args.out, args.json)
     print(f"{len(analysis.prompts)} prompts: expert FLOPs saved {analysis.zero_ratio:.1%} on this traffic")
     for c in analysis.correlations:
-        print(f"  compute vs {c.name}: Spearman rho {c.rho:+.3f} (p = {c.p_value:.2e}, {c.n} tokens)")
+        print(f"  compute vs {c.name}: Spearman rho {c.rho:+.3f} (p {p_value_text(c.p_value)}, {c.n} tokens)")
     print(f"report written to {args.out}")
     return 0

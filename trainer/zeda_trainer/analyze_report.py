@@ -95,6 +95,11 @@ def _binned(axis, x: np.ndarray, compute: np.ndarray, label: str, top_k: int) ->
     axis.grid(alpha=0.3)
 
 
+def p_value_text(value: float) -> str:
+    """A p-value; one below the float range prints as a bound, not as 0."""
+    return f"= {value:.2e}" if value > 0.0 else "< 1e-300"
+
+
 def _reading(c: Correlation) -> str:
     if c.p_value >= SIGNIFICANCE:
         return "no significant relation"
@@ -135,7 +140,7 @@ def render(analysis: Analysis, view_limit: int = 60) -> str:
     ]
     card_html = "".join(f"<div class='card'>{html.escape(k)}<b>{html.escape(v)}</b></div>" for k, v in cards)
     correlation_rows = "".join(
-        f"<tr><td>{html.escape(c.name)}</td><td>{c.rho:+.3f}</td><td>{c.p_value:.2e}</td><td>{c.n}</td>"
+        f"<tr><td>{html.escape(c.name)}</td><td>{c.rho:+.3f}</td><td>p {p_value_text(c.p_value)}</td><td>{c.n}</td>"
         f"<td>{_reading(c)}</td></tr>"
         for c in analysis.correlations
     )
