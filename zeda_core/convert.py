@@ -10,6 +10,11 @@ Two initialisations of the Z new router rows:
   is below -30, and their softmax mass (< Z * e^-30 relative) leaves the logits unchanged to
   float32 precision. Sigmoid families get a selection bias 2 below the smallest real one, which
   no sigmoid score can overcome: zero experts are never selected until the bias is moved.
+
+A preserve-initialised model starts with r_ze = 0, and the group loss alone cannot pull the zero
+rows in: their routing probability, and so its gradient, is about e^-30. Training therefore
+moves the zero rows' offset after each step (:func:`nudge_zero_bias`) towards a zero share that
+ramps up from 0 to the group loss's target; from there the group loss sets the zero share.
 """
 
 from __future__ import annotations
@@ -136,3 +141,27 @@ def _init_zero_rows(
             gate.zero_logit_bias.fill_(PRESERVE_LOGIT)
         if spec.selection_bias:
             gate.e_score_correction_bias[n:] = real_bias.min() - 2.0
+
+
+@torch.no_grad()
+def nudge_zero_bias(model: nn.Module, zero_ratios: list[float], targets: list[float], step_size: float) -> None:
+    """Move each MoE layer's zero-row offset one step towards its target zero share.
+
+    The offset rises by ``step_size`` where the layer's measured r_ze is below its target and
+    falls where it is above (a sign rule, as in auxiliary-loss-free load balancing). Softmax
+    families move the zero-row logit offset; sigmoid families the zero rows' selection bias.
+
+    Args:
+        model: a model with zero-aware blocks.
+        zero_ratios: measured r_ze of each MoE layer, in layer order.
+        targets: target r_ze of each MoE layer.
+        step_size: logit units per call.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, ZeroExpertMoeBlock)]
+    for block, ratio, target in zip(blocks, zero_ratios, targets, strict=True):
+        step = step_size if ratio < target else -step_size if ratio > target else 0.0
+        gate, spec = block.gate, block.spec
+        if spec.zero_logit_bias:
+            gate.zero_logit_bias.add_(step)
+        elif spec.selection_bias and spec.num_zero_experts:
+            gate.e_score_correction_bias[spec.num_experts :] += step

@@ -59,8 +59,14 @@ def run_training(
     step_loss: StepLoss,
     resume: bool,
     desc: str,
+    after_step: Callable[[torch.nn.Module, int, dict[str, float]], None] | None = None,
 ) -> tuple[torch.nn.Module, MetricsLog]:
-    """Train the parameters of ``model`` that require grad; returns (unwrapped model, metrics log)."""
+    """Train the parameters of ``model`` that require grad; returns (unwrapped model, metrics log).
+
+    ``after_step(unwrapped_model, steps_done, step_metrics)`` runs after every optimizer step; it
+    must depend only on the step, the model and the step's metrics, so that a resumed run
+    repeats it exactly.
+    """
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         [
@@ -95,6 +101,8 @@ def run_training(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step(accelerator.unwrap_model(model), step + 1, metrics)
         tokens += metrics.pop("tokens", 0.0) * accelerator.num_processes
         done = step + 1
         if done % optim.log_every == 0 or done == optim.max_steps:

@@ -104,7 +104,8 @@ def snapshot_traffic(store: TrafficStore, config: RetrainConfig, data_dir: Path)
         return json.loads(manifest.read_text())
     distinct: dict[str, Prompt] = {}
     served_ratios = []
-    for row in store.rows(limit=config.recent):
+    rows = list(store.rows(limit=config.recent))
+    for row in rows:
         prompt = Prompt(row.prompt, row.chat, "captured")
         distinct.setdefault(prompt.key, prompt)
         if row.zero_expert_ratio is not None:
@@ -118,7 +119,7 @@ def snapshot_traffic(store: TrafficStore, config: RetrainConfig, data_dir: Path)
     _write_prompts(data_dir / "train.jsonl", train + replay)
     _write_prompts(data_dir / "held_out.jsonl", held_out)
     summary = {
-        "captured_rows_read": config.recent,
+        "captured_rows": len(rows),
         "captured_distinct": len(captured),
         "captured_train": len(train),
         "replay": len(replay),

@@ -17,12 +17,13 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import reduce
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from zeda_core.batching import pad_batch
 from zeda_core.checkpoint import load_model, resolve_checkpoint
-from zeda_core.convert import inject_zero_experts
+from zeda_core.convert import inject_zero_experts, nudge_zero_bias
 from zeda_core.errors import ZedaError
 from zeda_core.losses import forward_kl, group_aux_loss_over_layers, group_aux_target_ratio
 from zeda_core.moe import ZeroExpertMoeBlock
@@ -62,6 +63,10 @@ class SftConfig(BaseModel):
     out: Path = Path("build/models/tiny-zeda-sft")
     zero_experts: int = 4
     init: Literal["gaussian", "preserve"] = "gaussian"
+    zero_ramp_steps: int = Field(default=0, ge=0)
+    """With ``init: preserve``: steps over which the zero rows' offset is steered towards a zero
+    share that rises linearly from 0 to the group loss's target."""
+    zero_ramp_step_size: float = Field(default=0.25, gt=0.0)
     seed: int = 0
     rollout: RolloutConfig = RolloutConfig()
     batch_size: int = 32
@@ -178,7 +183,18 @@ def train_sft(config: SftConfig, resume: bool = False) -> Path:
         loss, metrics = sft_loss(model, batch, num_experts, config.group_loss, teacher, config.kl_weight)
         return loss, metrics | {"tokens": float(batch["attention_mask"].sum())}
 
-    model, log = run_training(accelerator, student, config.optim, config.run_dir, step_loss, resume, "sft")
+    target = group_aux_target_ratio(num_experts, config.zero_experts, config.group_loss.zero_group_weight)
+
+    def ramp(model: torch.nn.Module, done: int, metrics: dict[str, float]) -> None:
+        if done <= config.zero_ramp_steps:
+            keys = sorted((k for k in metrics if k.startswith("r_ze_layer")), key=lambda k: int(k[len("r_ze_layer") :]))
+            # The same measured shares on every process, so replicated offsets stay equal.
+            ratios = reduce(torch.tensor([metrics[k] for k in keys], device=accelerator.device), "mean").tolist()
+            scheduled = target * done / config.zero_ramp_steps
+            nudge_zero_bias(model, ratios, [scheduled] * len(ratios), config.zero_ramp_step_size)
+
+    after_step = ramp if config.init == "preserve" and config.zero_ramp_steps else None
+    model, log = run_training(accelerator, student, config.optim, config.run_dir, step_loss, resume, "sft", after_step)
     if accelerator.is_main_process:
         _save_student(model, config, log, num_experts)
     accelerator.wait_for_everyone()
