@@ -14,6 +14,7 @@ from zeda_cli.main import main
 from zeda_core.errors import ZedaError
 from zeda_core.traffic import CapturedRequest, TrafficStore, open_existing_store
 from zeda_server.launch import running_server
+from zeda_server.settings import ServerSettings
 from zeda_trainer.rollouts import load_prompts
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
@@ -114,3 +115,12 @@ def test_capture_is_off_by_default_and_cannot_be_turned_on_without_a_store(small
         assert status == {"available": False, "enabled": False, "db": None, "rows": 0, "completions": False}
         response = httpx.post(f"{url}/admin/capture", json={"enabled": True}, headers=ADMIN, timeout=60)
         assert response.status_code == 409 and response.json()["error"]["code"] == "capture_unavailable"
+
+
+def test_empty_environment_values_mean_unset(monkeypatch) -> None:
+    """Compose files pass unset variables as empty strings: no key, no capture store."""
+    for name in ("ZEDA_API_KEY", "ZEDA_ADMIN_KEY", "ZEDA_CAPTURE_DB", "ZEDA_SERVED_MODEL_NAME"):
+        monkeypatch.setenv(name, "")
+    settings = ServerSettings()
+    assert settings.api_key is None and settings.admin_key is None and settings.capture_db is None
+    assert settings.model_name == "tiny-zeda"

@@ -38,6 +38,10 @@ def test_compose_services() -> None:
     assert services["zeda"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert services["locust"]["depends_on"]["zeda"]["condition"] == "service_healthy"
     assert "--run-time" in services["locust"]["command"]
+    retrain = services["retrain"]
+    assert "zeda retrain" in retrain["command"][0] and "--every" in retrain["command"][0]
+    assert retrain["volumes"] == ["zeda-data:/data"] and "zeda-data:/data" in services["zeda"]["volumes"]
+    assert "ZEDA_CAPTURE_DB" in services["zeda"]["environment"]
 
 
 def test_dockerignore_keeps_the_context_small() -> None:

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 DEFAULT_MODEL = "models/tiny-zeda"
@@ -36,6 +36,12 @@ class ServerSettings(BaseSettings):
     capture_completions: bool = False
     capture_max_rows: int = Field(default=100_000, ge=1)
     capture_max_age_days: float = Field(default=30.0, gt=0)
+
+    @field_validator("served_model_name", "api_key", "admin_key", "capture_db", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """``ZEDA_API_KEY=`` (as compose files pass unset variables) means no key, not the empty key."""
+        return None if isinstance(value, str) and not value.strip() else value
 
     @classmethod
     def settings_customise_sources(
