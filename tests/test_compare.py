@@ -51,6 +51,9 @@ def test_compare_measures_every_method_and_writes_an_offline_report(
     assert 0.0 < median.flops_saved < everything.flops_saved <= 0.5  # top-2: at most the second slot goes
     assert by_knob["zeda", small_student.name].flops_saved > 0.0
     assert (config.work_dir / "adamoe-z4-k3" / "config.json").is_file()
+    for point in points:  # savings are against the original top-2, whatever k the method runs
+        assert point.flops_saved == pytest.approx(1.0 - point.real_experts / 2, abs=1e-9)
+    assert by_knob["adamoe", "Z 4, k 3"].real_experts > 0.0
 
     write_report(points, config)
     record = json.loads((config.out / "compare.json").read_text())
@@ -66,7 +69,7 @@ def test_compare_measures_every_method_and_writes_an_offline_report(
 
 
 def _point(method: str, knob: str, saved: float, accuracy: float) -> Point:
-    return Point(method, knob, saved, saved, accuracy, 0.0, 1.0, "m")
+    return Point(method, knob, saved, saved, 2.0 * (1.0 - saved), accuracy, 0.0, 1.0, "m")
 
 
 def test_baseline_accuracy_is_read_at_zedas_flop_level() -> None:

@@ -66,8 +66,11 @@ class Point:
     """One measured (method, knob) point.
 
     Attributes:
-        flops_saved: share of routed expert FLOPs saved on the skills eval traffic (prompt and
-            generated tokens), 0..1; ``flops_saved_text`` the same on the validation text.
+        flops_saved: share of the original model's routed-expert FLOPs saved on the skills eval
+            traffic (prompt and generated tokens), 0..1; ``flops_saved_text`` the same on the
+            validation text. Relative to the original top-k, so a method that raises k (AdaMoE)
+            pays for its extra slots.
+        real_experts: real experts computed per token and MoE layer on the skills traffic.
         accuracy: mean skill accuracy over skills; ``kl``: mean per-token KL(teacher || model) in
             nats on the validation text; ``perplexity`` on that text.
     """
@@ -76,6 +79,7 @@ class Point:
     knob: str
     flops_saved: float
     flops_saved_text: float
+    real_experts: float
     accuracy: float
     kl: float
     perplexity: float
@@ -94,6 +98,7 @@ class Bench:
         texts = [row["text"] for row in read_jsonl(config.data_dir / "text" / "validation.jsonl")]
         self.windows = text_windows(self.tokenizer, texts)[: config.text_windows]
         teacher = load_model(self.teacher_path)
+        self.original = FlopModel.from_model(teacher)
         self.teacher_logprobs = [
             torch.log_softmax(logits, dim=-1)
             for logits, _, _ in windowed_logits(teacher, self.windows, self.pad_id, RoutingTally(None), "text")
@@ -119,13 +124,24 @@ class Bench:
         return Point(
             method=method,
             knob=knob,
-            flops_saved=tally.summary(list(skills))["zero_expert_ratio"],
-            flops_saved_text=tally.summary(["text"])["zero_expert_ratio"],
+            flops_saved=self.saved(tally, list(skills)),
+            flops_saved_text=self.saved(tally, ["text"]),
+            real_experts=tally.summary(list(skills))["expert_flops_per_token"] / self.real_expert_flops,
             accuracy=sum(s["accuracy"] for s in skills.values()) / len(skills),
             kl=kl / tokens,
             perplexity=float(torch.tensor(nll / tokens).exp()),
             model=name,
         )
+
+    @property
+    def real_expert_flops(self) -> float:
+        """FLOPs of one real expert per token in every MoE layer."""
+        return float(self.original.slot_flops * self.original.moe_layers)
+
+    def saved(self, tally: RoutingTally, domains: list[str]) -> float:
+        """Share of the original model's expert FLOPs (its K slots per token) not spent on ``domains``."""
+        spent = tally.summary(domains)["expert_flops_per_token"]
+        return 1.0 - spent / (self.original.top_k * self.real_expert_flops)
 
     def calibration_batches(self) -> list[torch.Tensor]:
         """Packed training text (no padding) for the Dynamic Skipping calibration."""

@@ -67,15 +67,17 @@ def margins(points: list[Point]) -> list[Margin]:
 
 
 def markdown_table(points: list[Point], found: list[Margin], config: CompareConfig) -> str:
-    header = ["method", "knob", "expert FLOPs saved (skills)", "saved (text)", "mean skill accuracy"]
+    header = ["method", "knob", "expert FLOPs saved (skills)", "saved (text)", "real experts / token"]
+    header += ["mean skill accuracy"]
     header += ["KL to teacher (nats/token)", "perplexity"]
     lines = [
         "| " + " | ".join(header) + " |",
-        "|---|---|---|---|---|---|---|",
+        "|" + "---|" * len(header),
     ]
     for p in points:
         lines.append(
-            f"| {p.method} | {p.knob} | {p.flops_saved:.1%} | {p.flops_saved_text:.1%} | {p.accuracy:.3f} "
+            f"| {p.method} | {p.knob} | {p.flops_saved:.1%} | {p.flops_saved_text:.1%} | {p.real_experts:.2f} "
+            f"| {p.accuracy:.3f} "
             f"| {p.kl:.4f} | {p.perplexity:.2f} |"
         )
     lines += ["", "| ZEDA model | baseline | at saving | ZEDA accuracy | baseline accuracy | margin | how |"]
