@@ -184,7 +184,7 @@ class SglangEngine:
         success, message, *_ = await self.engine.tokenizer_manager.update_weights_from_disk(request, None)
         if not success:
             raise CandidateRejected(f"SGLang refused the weights: {message}")
-        old = (self.checkpoint, self.fingerprint)
+        old, older = (self.checkpoint, self.fingerprint), self.previous
         self.checkpoint, self.fingerprint = checkpoint, checkpoint_fingerprint(checkpoint)
         self.previous = old
         smoke = SamplingParams(max_tokens=4, temperature=0.0)
@@ -194,7 +194,7 @@ class SglangEngine:
         except Exception as exc:  # the new weights do not serve: put the old ones back
             back = UpdateWeightFromDiskReqInput(model_path=str(old[0]))
             await self.engine.tokenizer_manager.update_weights_from_disk(back, None)
-            self.checkpoint, self.fingerprint = old
+            (self.checkpoint, self.fingerprint), self.previous = old, older
             raise CandidateRejected(f"smoke generation failed: {type(exc).__name__}: {exc}") from exc
 
     def shutdown(self) -> None:
