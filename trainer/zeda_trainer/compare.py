@@ -71,8 +71,9 @@ class Point:
             validation text. Relative to the original top-k, so a method that raises k (AdaMoE)
             pays for its extra slots.
         real_experts: real experts computed per token and MoE layer on the skills traffic.
-        accuracy: mean skill accuracy over skills; ``kl``: mean per-token KL(teacher || model) in
-            nats on the validation text; ``perplexity`` on that text.
+        accuracy: mean skill accuracy over skills, on ``items`` eval items.
+        kl: mean per-token KL(teacher || model) in nats on the validation text; ``perplexity`` on
+            that text.
     """
 
     method: str
@@ -84,6 +85,7 @@ class Point:
     kl: float
     perplexity: float
     model: str
+    items: int = 0
 
 
 class Bench:
@@ -131,6 +133,7 @@ class Bench:
             kl=kl / tokens,
             perplexity=float(torch.tensor(nll / tokens).exp()),
             model=name,
+            items=len(self.items),
         )
 
     @property

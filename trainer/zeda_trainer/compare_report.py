@@ -13,6 +13,7 @@ import html
 import io
 import itertools
 import json
+import math
 from dataclasses import asdict, dataclass
 
 from zeda_core.atomic import atomic_write_text
@@ -90,7 +91,14 @@ def markdown_table(points: list[Point], found: list[Margin], config: CompareConf
     source = (
         f"teacher `{config.teacher}`, {config.eval_per_skill} eval items per skill, {config.text_windows} text windows"
     )
-    return "\n".join(lines) + f"\n\nMeasured on {source}.\n"
+    items = points[0].items if points else 0
+    noise = (
+        f" One accuracy over {items} items has a binomial standard error of about "
+        f"{math.sqrt(0.7 * 0.3 / items):.3f} at 0.7: a margin that small is a tie."
+        if items
+        else ""
+    )
+    return "\n".join(lines) + f"\n\nMeasured on {source}.{noise}\n"
 
 
 def pareto_png(points: list[Point]) -> bytes:
