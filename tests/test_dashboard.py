@@ -19,6 +19,7 @@ def test_dashboard_updates_live_after_requests(small_student: Path, tmp_path: Pa
         page.goto(f"{url}/dashboard")
         page.wait_for_function("document.getElementById('status').textContent.startsWith('updated')")
         assert page.text_content("#requests") == "0"
+        assert page.text_content("#version").startswith("fp_")
         before = tmp_path / "before.png"
         page.screenshot(path=str(before))
 

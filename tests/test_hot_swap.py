@@ -107,6 +107,7 @@ def test_bad_swaps_are_refused_and_the_server_keeps_serving(server: str, candida
     assert bad_scope.status_code == 400 and bad_scope.json()["error"]["param"] == "scope"
     status = httpx.get(f"{server}/admin/status", headers=ADMIN, timeout=60).json()
     assert status["current"]["fingerprint"] == before and status["previous"] is None
+    assert 'zeda_model_swaps_total{kind="rejected"} 9.0' in httpx.get(f"{server}/metrics", timeout=60).text
 
 
 async def _stream_until(url: str, deadline: float, client_id: int) -> list[dict]:
@@ -187,6 +188,11 @@ def test_swap_under_16_streaming_clients_switches_version_without_failures(
     assert rolled.status_code == 200 and rolled.json()["current"]["fingerprint"] == old
     assert rolled.json()["previous"]["fingerprint"] == new
     assert _complete(server)["system_fingerprint"] == old
+    metrics = httpx.get(f"{server}/metrics", timeout=60).text
+    assert 'zeda_model_swaps_total{kind="swap"} 1.0' in metrics
+    assert 'zeda_model_swaps_total{kind="rollback"} 1.0' in metrics
+    assert f'fingerprint="{old}"' in metrics and "zeda_model_info" in metrics
+    assert httpx.get(f"{server}/dashboard/stats", timeout=60).json()["model_version"] == old
 
 
 def test_admin_api_is_disabled_without_an_admin_key(small_student: Path, candidates: dict[str, Path]) -> None:

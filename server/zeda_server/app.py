@@ -91,7 +91,9 @@ def create_app(settings: ServerSettings, engine: TorchEngine) -> FastAPI:
             try:
                 await engine.swap_checkpoint(body.checkpoint, body.scope)
             except CandidateRejected as exc:
+                metrics.swaps.labels("rejected").inc()
                 raise ApiError(422, f"checkpoint rejected: {exc}", "checkpoint", "checkpoint_rejected") from exc
+        metrics.swaps.labels("swap").inc()
         return {"swapped": True} | engine.versions()
 
     @app.post("/admin/rollback", dependencies=[Depends(require_admin_key)])
@@ -103,6 +105,7 @@ def create_app(settings: ServerSettings, engine: TorchEngine) -> FastAPI:
                 raise ApiError(409, str(exc), code="no_previous_version") from exc
             except CandidateRejected as exc:
                 raise ApiError(422, f"rollback failed: {exc}", code="checkpoint_rejected") from exc
+        metrics.swaps.labels("rollback").inc()
         return {"rolled_back": True} | engine.versions()
 
     @app.post("/admin/capture", dependencies=[Depends(require_admin_key)])
@@ -125,6 +128,7 @@ def create_app(settings: ServerSettings, engine: TorchEngine) -> FastAPI:
     async def prometheus() -> Response:
         metrics.queue_depth.set(engine.queue_depth)
         metrics.running.set(engine.running)
+        metrics.model.info({"fingerprint": engine.fingerprint, "name": settings.model_name})
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/dashboard", response_class=HTMLResponse)
@@ -133,7 +137,7 @@ def create_app(settings: ServerSettings, engine: TorchEngine) -> FastAPI:
 
     @app.get("/dashboard/stats")
     async def dashboard_stats() -> dict[str, Any]:
-        return metrics.snapshot(engine.queue_depth, engine.running)
+        return metrics.snapshot(engine.queue_depth, engine.running) | {"model_version": engine.fingerprint}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):

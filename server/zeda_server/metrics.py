@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from zeda_core.flops import FlopReport
 
@@ -34,6 +34,8 @@ class ServerMetrics:
         self.running = Gauge("zeda_running_requests", "Requests in the running batch.", registry=r)
         self.ttft = Histogram("zeda_time_to_first_token_seconds", "TTFT.", buckets=LATENCY_BUCKETS, registry=r)
         self.latency = Histogram("zeda_request_latency_seconds", "End-to-end.", buckets=LATENCY_BUCKETS, registry=r)
+        self.model = Info("zeda_model", "The model version new requests start on.", registry=r)
+        self.swaps = Counter("zeda_model_swaps", "Hot-swaps and rollbacks applied.", ["kind"], registry=r)
         self._lock = threading.Lock()
         self._events: collections.deque[tuple[float, int, int, int]] = collections.deque()
 
