@@ -15,7 +15,7 @@ from zeda_cli.main import main
 from zeda_core.traffic import CapturedRequest, TrafficStore, open_existing_store
 from zeda_server.launch import running_server
 from zeda_trainer.recipes import load_recipe
-from zeda_trainer.retrain import RetrainConfig, is_held_out, snapshot_traffic
+from zeda_trainer.retrain import RetrainConfig, is_held_out, run_lock, snapshot_traffic
 from zeda_trainer.rollouts import Prompt, load_prompts
 
 ADMIN_KEY = "admin-secret"
@@ -83,6 +83,9 @@ def test_too_little_traffic_is_skipped_with_the_reason(
     assert "SKIPPED" in capsys.readouterr().out
     assert main([*args[:2], str(tmp_path / "missing.db"), *args[3:]]) == 2
     assert "missing.db does not exist" in capsys.readouterr().err
+    with run_lock(tmp_path / "busy"):
+        assert main([*args[:5], "--out", str(tmp_path / "busy"), *args[7:]]) == 2
+    assert "another zeda retrain is running" in capsys.readouterr().err
 
 
 def test_killed_retrain_resumes_without_lost_progress_and_a_worse_candidate_is_refused(

@@ -20,11 +20,14 @@ One run, in ``out``:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -36,6 +39,7 @@ from transformers import AutoTokenizer
 
 from zeda_core.atomic import atomic_write_text
 from zeda_core.checkpoint import checkpoint_routing_spec, load_model, resolve_checkpoint
+from zeda_core.errors import ZedaError
 from zeda_core.flops import FlopModel
 from zeda_core.losses import zero_group_weight_for
 from zeda_core.traffic import TrafficStore
@@ -218,7 +222,30 @@ def retrain_once(
     server: str | None = None,
     admin_key: str | None = None,
 ) -> dict[str, Any]:
-    """One retraining run in ``out`` (resumed if it was interrupted); returns the verdict."""
+    """One retraining run in ``out`` (resumed if it was interrupted); returns the verdict.
+
+    Raises:
+        ZedaError: another job holds ``out`` (two jobs on one run would corrupt it).
+    """
+    with run_lock(out):
+        return _retrain(config, store, base, out, server, admin_key)
+
+
+@contextlib.contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """An exclusive lock on the run directory, released when the holder exits (even by kill -9)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / ".lock").open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise ZedaError(f"another zeda retrain is running in {out}") from exc
+        yield
+
+
+def _retrain(
+    config: RetrainConfig, store: TrafficStore, base: Path, out: Path, server: str | None, admin_key: str | None
+) -> dict[str, Any]:
     verdict_path = out / VERDICT_FILE
     if verdict_path.is_file():
         return json.loads(verdict_path.read_text())
