@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from sglang_guard import sglang_marks
 
 from zeda_core import ZedaError, inject_zero_experts, load_model, save_model
 from zeda_core.families import FAMILIES
@@ -22,16 +23,7 @@ from zeda_core.routing import route
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ZEDA = ROOT / "models" / "tiny-zeda"
 
-try:
-    import sglang  # noqa: F401
-
-    HAVE_SGLANG = True
-except ImportError:
-    HAVE_SGLANG = False
-
-if not HAVE_SGLANG and os.environ.get("CI"):
-    pytest.fail("the sglang extra is missing: .ci/run installs it", pytrace=False)
-pytestmark = [pytest.mark.sglang, pytest.mark.skipif(not HAVE_SGLANG, reason="sglang extra not installed")]
+pytestmark = sglang_marks()
 
 REGISTRY_CHECK = (
     "from sglang.srt.models.registry import ModelRegistry; "
