@@ -1,16 +1,14 @@
 """Stage 2: on-policy distillation (PPO clip, routing replay, teacher scoring) and kill -9 resume."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from processes import kill_9_once_written
 from safetensors.torch import load_file
 from torch.nn.functional import pad
 from transformers import AutoTokenizer
@@ -162,14 +160,8 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(
     assert done.returncode == 0, done.stderr[-2000:]
 
     killed = _stage_command(stage, tmp_path / "b", tmp_path / "b-out", small_teacher, small_student, small_data)
-    process = subprocess.Popen(killed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first_checkpoint = tmp_path / "b" / "checkpoints" / "step-00000002"
-    deadline = time.monotonic() + 300
-    while not first_checkpoint.is_dir() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert first_checkpoint.is_dir() and not (tmp_path / "b-out").exists()
+    kill_9_once_written(killed, tmp_path / "b" / "checkpoints" / "step-00000002")
+    assert not (tmp_path / "b-out").exists()
 
     resumed = subprocess.run([*killed, "--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

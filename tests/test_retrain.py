@@ -1,15 +1,13 @@
 """``zeda retrain``: snapshot of captured traffic, resume after kill -9, the gate, promotion by hot-swap."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+from processes import kill_9_once_written
 
 from zeda_cli.main import main
 from zeda_core.traffic import CapturedRequest, TrafficStore, open_existing_store
@@ -98,14 +96,8 @@ def test_killed_retrain_resumes_without_lost_progress_and_a_worse_candidate_is_r
     teacher, base = REPO / "models" / "tiny-teacher", REPO / "models" / "tiny-zeda"
     args = _command(capture_db, base, out, teacher, small_data, **worse)
     command = [sys.executable, "-m", "zeda_cli.main", *args]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first_checkpoint = out / "run" / "checkpoints" / "step-00000002"
-    deadline = time.monotonic() + 300
-    while not first_checkpoint.is_dir() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert first_checkpoint.is_dir() and not (out / "verdict.json").exists()
+    kill_9_once_written(command, out / "run" / "checkpoints" / "step-00000002")
+    assert not (out / "verdict.json").exists()
     snapshot = {name: (out / "data" / name).read_bytes() for name in ("train.jsonl", "held_out.jsonl", "snapshot.json")}
     logged_before_kill = (out / "run" / "metrics.jsonl").read_text().splitlines()[:2]
 
