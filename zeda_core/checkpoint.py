@@ -231,7 +231,7 @@ def _assign_weights(model: nn.Module, state: dict[str, torch.Tensor], checkpoint
                 f"{checkpoint}: {key} has shape {list(tensor.shape)}, the config implies {list(expected[key].shape)}"
             )
     result = model.load_state_dict(state, strict=False, assign=True)
-    tied = set(_tied_keys(model))
+    tied = set(tied_keys(model))
     missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {result.unexpected_keys[:3]}"
@@ -242,7 +242,8 @@ def _assign_weights(model: nn.Module, state: dict[str, torch.Tensor], checkpoint
         raise ZedaError(f"{checkpoint}: no weights for {still_empty[:3]}")
 
 
-def _tied_keys(model: nn.Module) -> list[str]:
+def tied_keys(model: nn.Module) -> list[str]:
+    """State-dict keys that alias another weight (not stored in checkpoints)."""
     if getattr(model.config, "tie_word_embeddings", False):
         return ["lm_head.weight"]
     return []
@@ -250,7 +251,7 @@ def _tied_keys(model: nn.Module) -> list[str]:
 
 def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """State dict without tied duplicates, as contiguous CPU tensors."""
-    tied = set(_tied_keys(model))
+    tied = set(tied_keys(model))
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in tied}
 
 

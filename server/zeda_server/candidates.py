@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from zeda_core.checkpoint import checkpoint_routing_spec, read_state, resolve_checkpoint
+from zeda_core.checkpoint import checkpoint_routing_spec, read_state, resolve_checkpoint, tied_keys
 from zeda_core.errors import ZedaError
 from zeda_core.moe import ZeroExpertMoeBlock
 from zeda_core.spec import RoutingSpec
@@ -83,7 +83,8 @@ def prepare_version(current: ModelVersion, candidate: str | Path, scope: Scope, 
     model = current.model
     blocks = [m for m in model.modules() if isinstance(m, ZeroExpertMoeBlock)]
     served_spec = blocks[0].spec
-    expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight" or not _tied(model)}
+    tied = set(tied_keys(model))
+    expected = {k: v for k, v in model.state_dict().items() if k not in tied}
     weights = candidate_weights(candidate, served_spec, expected, scope)
     fresh = copy.deepcopy(model)
     with torch.no_grad():
@@ -95,10 +96,6 @@ def prepare_version(current: ModelVersion, candidate: str | Path, scope: Scope, 
     if scope == "router":
         source_fp = "fp_" + hashlib.sha256(f"{current.fingerprint}+router:{source_fp}".encode()).hexdigest()[:12]
     return ModelVersion(fresh, source_fp, str(candidate), scope)
-
-
-def _tied(model: torch.nn.Module) -> bool:
-    return bool(getattr(model.config, "tie_word_embeddings", False))
 
 
 @torch.inference_mode()
