@@ -1,6 +1,7 @@
 """Traffic capture: the SQLite store (retention, concurrent writers) and the server's opt-in capture."""
 
 import json
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -57,6 +58,19 @@ def test_retention_by_count_and_age(tmp_path: Path) -> None:
     assert [r.prompt for r in old.rows()] == ["fresh"]
     with pytest.raises(ZedaError, match="must be positive"):
         TrafficStore(tmp_path / "bad.db", max_rows=0)
+
+
+def test_retention_by_size_keeps_the_file_bounded(tmp_path: Path) -> None:
+    db = tmp_path / "capture.db"
+    store = TrafficStore(db, max_bytes=64 << 10)
+    for i in range(400):  # about 400 KB of prompts into a 64 KiB store
+        store.add(_row(f"row {i} " + "x" * 1000))
+    rows = [r.prompt for r in store.rows()]
+    assert 10 < len(rows) < 64 and rows[0].startswith("row 399 ")  # the newest are kept
+    store.close()
+    with sqlite3.connect(db) as connection:
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert db.stat().st_size <= (64 << 10) + 16 * 4096  # freed pages went back to the file system
 
 
 def test_export_cli_writes_a_prompt_set(tmp_path: Path, capsys) -> None:

@@ -25,6 +25,7 @@ FLAGS = {
     "--capture-completions": (str, "also capture completions (true/false)"),
     "--capture-max-rows": (int, "rows the capture store keeps (oldest dropped first)"),
     "--capture-max-age-days": (float, "captured rows older than this are dropped"),
+    "--capture-max-mb": (int, "size bound of the capture store; the oldest rows go first"),
 }
 
 

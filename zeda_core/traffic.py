@@ -3,7 +3,9 @@
 The server writes, ``zeda capture export`` and ``zeda retrain`` read; the store is the only
 thing besides checkpoints and the admin API that they share. The database runs in WAL mode, so
 readers never block the writer, and every write is one short transaction that also applies the
-retention limits (rows older than ``max_age_s``, then the oldest rows beyond ``max_rows``).
+retention limits: rows older than ``max_age_s``, then the oldest rows beyond ``max_rows``, then
+the oldest rows while the stored pages exceed ``max_bytes``. Freed pages go back to the file
+system (incremental auto-vacuum), so the file stays bounded too.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ CREATE TABLE IF NOT EXISTS captures (
 CREATE INDEX IF NOT EXISTS captures_created ON captures (created);
 """
 _BUSY_TIMEOUT_S = 30.0
+_TRIM_SHARE = 0.1  # over the byte bound, drop this share of the rows (at least one) per pass
 
 
 @dataclass(frozen=True)
@@ -63,16 +66,26 @@ class TrafficStore:
         path: database file (created with its parent directory).
         max_rows: rows kept; the oldest go first.
         max_age_s: rows older than this many seconds are dropped.
+        max_bytes: bound on the database's used pages; the oldest rows go first.
     """
 
-    def __init__(self, path: str | Path, max_rows: int = 100_000, max_age_s: float = 30 * 86400.0) -> None:
-        if max_rows < 1 or max_age_s <= 0:
-            raise ZedaError(f"capture limits must be positive (max_rows={max_rows}, max_age_s={max_age_s})")
+    def __init__(
+        self,
+        path: str | Path,
+        max_rows: int = 100_000,
+        max_age_s: float = 30 * 86400.0,
+        max_bytes: int = 1 << 30,
+    ) -> None:
+        if max_rows < 1 or max_age_s <= 0 or max_bytes < 1:
+            raise ZedaError(
+                f"capture limits must be positive (max_rows={max_rows}, max_age_s={max_age_s}, max_bytes={max_bytes})"
+            )
         self.path = Path(path)
-        self.max_rows, self.max_age_s = max_rows, max_age_s
+        self.max_rows, self.max_age_s, self.max_bytes = max_rows, max_age_s, max_bytes
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, check_same_thread=False)
+            self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect on a new database
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
@@ -83,26 +96,45 @@ class TrafficStore:
     def add(self, request: CapturedRequest) -> int:
         """Insert one row (its ``created`` defaults to now) and apply retention; returns its id."""
         created = request.created or time.time()
-        with self._lock, self._db:
-            cursor = self._db.execute(
-                "INSERT INTO captures (created, endpoint, model_version, prompt, chat, completion, zero_expert_ratio)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    created,
-                    request.endpoint,
-                    request.model_version,
-                    request.prompt,
-                    int(request.chat),
-                    request.completion,
-                    request.zero_expert_ratio,
-                ),
-            )
-            self._db.execute("DELETE FROM captures WHERE created < ?", (time.time() - self.max_age_s,))
-            self._db.execute(
-                "DELETE FROM captures WHERE id <= (SELECT id FROM captures ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                (self.max_rows,),
-            )
-            return int(cursor.lastrowid)
+        with self._lock:
+            with self._db:
+                cursor = self._db.execute(
+                    "INSERT INTO captures"
+                    " (created, endpoint, model_version, prompt, chat, completion, zero_expert_ratio)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        created,
+                        request.endpoint,
+                        request.model_version,
+                        request.prompt,
+                        int(request.chat),
+                        request.completion,
+                        request.zero_expert_ratio,
+                    ),
+                )
+                self._apply_retention()
+            self._db.execute("PRAGMA incremental_vacuum").fetchall()  # hand freed pages back to the file system
+        return int(cursor.lastrowid)
+
+    def _apply_retention(self) -> None:
+        """Drop rows past the age, count and byte bounds, oldest first (inside the write's transaction)."""
+        self._db.execute("DELETE FROM captures WHERE created < ?", (time.time() - self.max_age_s,))
+        self._db.execute(
+            "DELETE FROM captures WHERE id <= (SELECT id FROM captures ORDER BY id DESC LIMIT 1 OFFSET ?)",
+            (self.max_rows,),
+        )
+        while self._used_bytes() > self.max_bytes:
+            rows = int(self._db.execute("SELECT COUNT(*) FROM captures").fetchone()[0])
+            if rows <= 1:
+                return
+            oldest = "SELECT id FROM captures ORDER BY id LIMIT ?"
+            self._db.execute(f"DELETE FROM captures WHERE id IN ({oldest})", (max(1, int(rows * _TRIM_SHARE)),))
+
+    def _used_bytes(self) -> int:
+        """Bytes in pages that hold data (free pages excluded)."""
+        pages = self._db.execute("PRAGMA page_count").fetchone()[0]
+        free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+        return (pages - free) * self._db.execute("PRAGMA page_size").fetchone()[0]
 
     def count(self) -> int:
         with self._lock:

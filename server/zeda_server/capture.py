@@ -27,7 +27,12 @@ class TrafficCapture:
 
     def __init__(self, settings: ServerSettings) -> None:
         self.store = (
-            TrafficStore(settings.capture_db, settings.capture_max_rows, settings.capture_max_age_days * 86400.0)
+            TrafficStore(
+                settings.capture_db,
+                settings.capture_max_rows,
+                settings.capture_max_age_days * 86400.0,
+                settings.capture_max_mb << 20,
+            )
             if settings.capture_db is not None
             else None
         )

@@ -36,6 +36,7 @@ class ServerSettings(BaseSettings):
     capture_completions: bool = False
     capture_max_rows: int = Field(default=100_000, ge=1)
     capture_max_age_days: float = Field(default=30.0, gt=0)
+    capture_max_mb: int = Field(default=1024, ge=1)
 
     @field_validator("served_model_name", "api_key", "admin_key", "capture_db", mode="before")
     @classmethod
