@@ -67,6 +67,7 @@ def test_held_out_split_is_stable_and_disjoint(capture_db: Path, small_data: Pat
     train = load_prompts(tmp_path / "data" / "train.jsonl")
     held_out = load_prompts(tmp_path / "data" / "held_out.jsonl")
     assert not {p.text for p in held_out} & {p.text for p in train}
+    assert not any(is_held_out(p, config.gate.held_out_share) for p in train)  # replay included
     assert summary["replay"] == sum(p.domain != "captured" for p in train) > 0
     assert summary["captured_train"] == sum(p.domain == "captured" for p in train)
 

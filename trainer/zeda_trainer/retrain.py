@@ -115,9 +115,11 @@ def snapshot_traffic(store: TrafficStore, config: RetrainConfig, data_dir: Path)
         if row.zero_expert_ratio is not None:
             served_ratios.append(row.zero_expert_ratio)
     captured = list(distinct.values())
-    held_out = [p for p in captured if is_held_out(p, config.gate.held_out_share)][: config.gate.held_out_max]
-    train = [p for p in captured if not is_held_out(p, config.gate.held_out_share)]
-    replay_pool = load_prompts(config.replay_prompts)
+    share = config.gate.held_out_share
+    held_out = [p for p in captured if is_held_out(p, share)][: config.gate.held_out_max]
+    train = [p for p in captured if not is_held_out(p, share)]
+    # The same rule on the replay set: a prompt that is held out when captured is never trained on.
+    replay_pool = [p for p in load_prompts(config.replay_prompts) if not is_held_out(p, share)]
     replay_count = min(len(replay_pool), round(len(train) * config.replay_share / (1.0 - config.replay_share)))
     replay = random.Random(config.opd.seed).sample(replay_pool, replay_count)
     _write_prompts(data_dir / "train.jsonl", train + replay)
