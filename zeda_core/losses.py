@@ -122,12 +122,16 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def per_token_forward_kl(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(p_teacher || p_student) at every position: log-probs [..., V] -> [...] in nats."""
+    return F.kl_div(student_logprobs, teacher_logprobs, log_target=True, reduction="none").sum(-1)
+
+
 def forward_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor | None = None):
     """Mean over tokens of KL(p_teacher || p_student); logits [B, S, V], mask [B, S]."""
     teacher = torch.log_softmax(teacher_logits.float(), dim=-1)
     student = torch.log_softmax(student_logits.float(), dim=-1)
-    per_token = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)
-    return _masked_mean(per_token, mask)
+    return _masked_mean(per_token_forward_kl(teacher, student), mask)
 
 
 def reverse_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor | None = None):

@@ -28,7 +28,7 @@ from zeda_core.batching import pad_batch
 from zeda_core.checkpoint import load_model, resolve_checkpoint
 from zeda_core.errors import ZedaError
 from zeda_core.flops import FlopModel, flop_report
-from zeda_core.losses import token_logprobs
+from zeda_core.losses import per_token_forward_kl
 from zeda_core.moe import ZeroExpertMoeBlock
 from zeda_core.recording import record_routing
 from zeda_trainer.generation import generate
@@ -157,10 +157,10 @@ def _analyze_batch(
     real = torch.stack([(~layer.zero_mask).sum(-1).float() for layer in recorder.layers]).mean(0)  # [B, S]
     student_lp = torch.log_softmax(student_logits[:, :-1], dim=-1)
     teacher_lp = torch.log_softmax(teacher_logits[:, :-1], dim=-1)
-    targets = ids[:, 1:]
-    delta = token_logprobs(teacher_logits[:, :-1], targets) - token_logprobs(student_logits[:, :-1], targets)
+    targets = ids[:, 1:, None]
+    delta = (teacher_lp.gather(-1, targets) - student_lp.gather(-1, targets)).squeeze(-1)
     entropy = -(teacher_lp.exp() * teacher_lp).sum(-1)
-    kl = (teacher_lp.exp() * (teacher_lp - student_lp)).sum(-1)
+    kl = per_token_forward_kl(teacher_lp, student_lp)
     for row, (prompt, prompt_len, generation) in enumerate(
         zip(prompts, map(len, prompt_ids), generations, strict=True)
     ):

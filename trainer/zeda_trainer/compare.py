@@ -26,6 +26,7 @@ from transformers import AutoTokenizer
 from zeda_core.baselines import calibrate_dynamic_skip, dynamic_skip, routing_rule, top_p_routing
 from zeda_core.checkpoint import load_model, resolve_checkpoint
 from zeda_core.flops import FlopModel
+from zeda_core.losses import per_token_forward_kl
 from zeda_core.moe import ZeroExpertMoeBlock
 from zeda_trainer.adamoe import AdaMoeConfig, train_adamoe
 from zeda_trainer.checkpointing import complete_checkpoints
@@ -120,15 +121,17 @@ class Bench:
             target = mask[:, 1:].bool()
             picked = logprobs[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
             nll -= float(picked[target].sum())
-            per_token_kl = (teacher.exp() * (teacher - logprobs)).sum(-1)[:, :-1]
+            per_token_kl = per_token_forward_kl(teacher, logprobs)[:, :-1]
             kl += float(per_token_kl[target].sum())
             tokens += int(target.sum())
+        skills_experts, text_experts = self.real_experts(tally, list(skills)), self.real_experts(tally, ["text"])
+        top_k = self.original.top_k
         return Point(
             method=method,
             knob=knob,
-            flops_saved=self.saved(tally, list(skills)),
-            flops_saved_text=self.saved(tally, ["text"]),
-            real_experts=tally.summary(list(skills))["expert_flops_per_token"] / self.real_expert_flops,
+            flops_saved=1.0 - skills_experts / top_k,
+            flops_saved_text=1.0 - text_experts / top_k,
+            real_experts=skills_experts,
             accuracy=sum(s["accuracy"] for s in skills.values()) / len(skills),
             kl=kl / tokens,
             perplexity=float(torch.tensor(nll / tokens).exp()),
@@ -136,15 +139,11 @@ class Bench:
             items=len(self.items),
         )
 
-    @property
-    def real_expert_flops(self) -> float:
-        """FLOPs of one real expert per token in every MoE layer."""
-        return float(self.original.slot_flops * self.original.moe_layers)
-
-    def saved(self, tally: RoutingTally, domains: list[str]) -> float:
-        """Share of the original model's expert FLOPs (its K slots per token) not spent on ``domains``."""
-        spent = tally.summary(domains)["expert_flops_per_token"]
-        return 1.0 - spent / (self.original.top_k * self.real_expert_flops)
+    def real_experts(self, tally: RoutingTally, domains: list[str]) -> float:
+        """Real experts computed per token and MoE layer on ``domains``: expert FLOPs per token over the
+        FLOPs of one expert in every layer (the original model spends its top-k of them)."""
+        one_expert_per_layer = self.original.slot_flops * self.original.moe_layers
+        return tally.summary(domains)["expert_flops_per_token"] / one_expert_per_layer
 
     def calibration_batches(self) -> list[torch.Tensor]:
         """Packed training text (no padding) for the Dynamic Skipping calibration."""
