@@ -58,11 +58,34 @@ def test_padding_changes_neither_loss_nor_ratio(small_teacher: Path) -> None:
     ]
     tight = collate(records, pad_id=0, device=torch.device("cpu"))
     padded = {k: torch.nn.functional.pad(v, (0, 7), value=-100 if k == "labels" else 0) for k, v in tight.items()}
+    teacher = load_model(small_teacher)
+    for kl_tokens in ("completion", "all"):
+        with torch.no_grad():
+            loss_tight, metrics_tight = sft_loss(
+                student, tight, num_experts, GroupLossConfig(), teacher, 1.0, kl_tokens
+            )
+            loss_padded, metrics_padded = sft_loss(
+                student, padded, num_experts, GroupLossConfig(), teacher, 1.0, kl_tokens
+            )
+        torch.testing.assert_close(loss_padded, loss_tight, rtol=1e-6, atol=1e-6)
+        assert metrics_padded == pytest.approx(metrics_tight, rel=1e-6, abs=1e-6)
+
+
+def test_kl_tokens_all_covers_prompt_positions(small_teacher: Path) -> None:
+    student, num_experts = build_student(SftConfig(teacher=small_teacher, zero_experts=4))
+    teacher = load_model(small_teacher)
+    records = [{"prompt_ids": [1, 4, 30, 31, 2, 5], "completion_ids": [40, 41, 2]}]
+    batch = collate(records, pad_id=0, device=torch.device("cpu"))
     with torch.no_grad():
-        loss_tight, metrics_tight = sft_loss(student, tight, num_experts, GroupLossConfig())
-        loss_padded, metrics_padded = sft_loss(student, padded, num_experts, GroupLossConfig())
-    torch.testing.assert_close(loss_padded, loss_tight, rtol=1e-6, atol=1e-6)
-    assert metrics_padded == pytest.approx(metrics_tight, rel=1e-6, abs=1e-6)
+        kl = {
+            tokens: sft_loss(student, batch, num_experts, GroupLossConfig(), teacher, 1.0, tokens)[1]["kl"]
+            for tokens in ("completion", "all")
+        }
+        student_lp = student(input_ids=batch["input_ids"]).logits[0, :-1].float().log_softmax(-1)
+        teacher_lp = teacher(input_ids=batch["input_ids"]).logits[0, :-1].float().log_softmax(-1)
+    per_position = (teacher_lp.exp() * (teacher_lp - student_lp)).sum(-1)  # 8 positions predict a next token
+    assert kl["all"] == pytest.approx(per_position.mean().item(), rel=1e-4)
+    assert kl["completion"] == pytest.approx(per_position[5:].mean().item(), rel=1e-4)
 
 
 def test_router_only_mode_freezes_experts(small_teacher: Path) -> None:

@@ -73,6 +73,9 @@ class SftConfig(BaseModel):
     text: TextMixConfig = TextMixConfig()
     group_loss: GroupLossConfig = GroupLossConfig()
     kl_weight: float = 0.0
+    kl_tokens: Literal["completion", "all"] = "completion"
+    """Rollout positions the teacher KL covers: the completion, or also every prompt position
+    (the teacher's next-token distribution over the prompt is a dense signal on each prompt token)."""
     trainable: Literal["all", "router"] = "all"
     optim: OptimConfig = OptimConfig(max_steps=300, lr=5e-4, warmup_steps=30, betas=(0.9, 0.98))
 
@@ -95,8 +98,12 @@ def sft_loss(
     group_loss: GroupLossConfig,
     teacher: torch.nn.Module | None = None,
     kl_weight: float = 0.0,
+    kl_tokens: Literal["completion", "all"] = "completion",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one batch and its metrics; padding enters neither the losses nor the ratios.
+
+    The teacher KL covers the labelled positions, or with ``kl_tokens="all"`` every position
+    whose next token is real (prompt included).
 
     ``batch["group_mask"]`` ([B, S], optional) narrows the tokens L_GA and the r_ze metrics see.
     """
@@ -114,7 +121,8 @@ def sft_loss(
     if teacher is not None and kl_weight > 0:
         with torch.no_grad():
             teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        kl = forward_kl(teacher_logits[:, :-1], logits[:, :-1], targets != -100)
+        kl_mask = targets != -100 if kl_tokens == "completion" else batch["attention_mask"][:, 1:].bool()
+        kl = forward_kl(teacher_logits[:, :-1], logits[:, :-1], kl_mask)
         loss = loss + kl_weight * kl
         metrics["kl"] = kl.item()
     return loss, metrics
@@ -180,7 +188,9 @@ def train_sft(config: SftConfig, resume: bool = False) -> Path:
             group_mask = batch["attention_mask"].clone()
             group_mask[len(rows) :] = 0
             batch["group_mask"] = group_mask
-        loss, metrics = sft_loss(model, batch, num_experts, config.group_loss, teacher, config.kl_weight)
+        loss, metrics = sft_loss(
+            model, batch, num_experts, config.group_loss, teacher, config.kl_weight, config.kl_tokens
+        )
         return loss, metrics | {"tokens": float(batch["attention_mask"].sum())}
 
     target = group_aux_target_ratio(num_experts, config.zero_experts, config.group_loss.zero_group_weight)
