@@ -62,13 +62,26 @@ def test_padding_changes_neither_loss_nor_ratio(small_teacher: Path) -> None:
     for kl_tokens in ("completion", "all"):
         with torch.no_grad():
             loss_tight, metrics_tight = sft_loss(
-                student, tight, num_experts, GroupLossConfig(), teacher, 1.0, kl_tokens
+                student, tight, num_experts, GroupLossConfig(), teacher, 1.0, kl_tokens, 1.0
             )
             loss_padded, metrics_padded = sft_loss(
-                student, padded, num_experts, GroupLossConfig(), teacher, 1.0, kl_tokens
+                student, padded, num_experts, GroupLossConfig(), teacher, 1.0, kl_tokens, 1.0
             )
         torch.testing.assert_close(loss_padded, loss_tight, rtol=1e-6, atol=1e-6)
         assert metrics_padded == pytest.approx(metrics_tight, rel=1e-6, abs=1e-6)
+
+
+def test_preserve_student_matches_the_teacher_exactly(small_teacher: Path) -> None:
+    student, num_experts = build_student(SftConfig(teacher=small_teacher, zero_experts=4, init="preserve"))
+    gaussian, _ = build_student(SftConfig(teacher=small_teacher, zero_experts=4))
+    teacher = load_model(small_teacher)
+    batch = collate([{"prompt_ids": [1, 4, 30, 31, 2, 5], "completion_ids": [40, 41, 2]}], 0, torch.device("cpu"))
+    with torch.no_grad():
+        same = sft_loss(student, batch, num_experts, GroupLossConfig(), teacher, 1.0, "all", 1.0)[1]
+        moved = sft_loss(gaussian, batch, num_experts, GroupLossConfig(), teacher, 1.0, "all", 1.0)[1]
+    assert same["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert same["hidden"] == pytest.approx(0.0, abs=1e-8)
+    assert moved["hidden"] > 1e-4 and moved["kl"] > 1e-4
 
 
 def test_kl_tokens_all_covers_prompt_positions(small_teacher: Path) -> None:

@@ -134,6 +134,30 @@ def forward_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask:
     return _masked_mean(per_token_forward_kl(teacher, student), mask)
 
 
+def hidden_state_loss(
+    teacher_hidden: tuple[torch.Tensor, ...] | list[torch.Tensor],
+    student_hidden: tuple[torch.Tensor, ...] | list[torch.Tensor],
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Relative squared error of the student's residual stream, averaged over layers.
+
+    Args:
+        teacher_hidden: per-layer hidden states [B, S, H] (``output_hidden_states``); the first
+            (the embeddings) is skipped, since the student shares them.
+        student_hidden: the student's, same shapes.
+        mask: [B, S] bool, True on real tokens.
+
+    Returns:
+        Scalar: mean over layers of ``sum ||h_s - h_t||^2 / sum ||h_t||^2`` over masked tokens.
+    """
+    losses = []
+    for teacher_h, student_h in zip(teacher_hidden[1:], student_hidden[1:], strict=True):
+        error = (student_h.float() - teacher_h.float()).pow(2).sum(-1)
+        scale = teacher_h.float().pow(2).sum(-1)
+        losses.append(_masked_mean(error, mask) / _masked_mean(scale, mask).clamp(min=1e-12))
+    return torch.stack(losses).mean()
+
+
 def reverse_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor | None = None):
     """Mean over tokens of KL(p_student || p_teacher); logits [B, S, V], mask [B, S]."""
     return forward_kl(student_logits, teacher_logits, mask)

@@ -25,7 +25,7 @@ from zeda_core.batching import pad_batch
 from zeda_core.checkpoint import load_model, resolve_checkpoint
 from zeda_core.convert import inject_zero_experts, nudge_zero_bias
 from zeda_core.errors import ZedaError
-from zeda_core.losses import forward_kl, group_aux_loss_over_layers, group_aux_target_ratio
+from zeda_core.losses import forward_kl, group_aux_loss_over_layers, group_aux_target_ratio, hidden_state_loss
 from zeda_core.moe import ZeroExpertMoeBlock
 from zeda_core.recording import record_routing
 from zeda_trainer.data.packing import global_batch_rows, pack_blocks, read_user_jsonl
@@ -76,6 +76,9 @@ class SftConfig(BaseModel):
     kl_tokens: Literal["completion", "all"] = "completion"
     """Rollout positions the teacher KL covers: the completion, or also every prompt position
     (the teacher's next-token distribution over the prompt is a dense signal on each prompt token)."""
+    hidden_weight: float = Field(default=0.0, ge=0.0)
+    """Weight of the hidden-state loss: the student's residual stream after every layer is pulled
+    to the teacher's on every real token (relative squared error, averaged over layers)."""
     trainable: Literal["all", "router"] = "all"
     optim: OptimConfig = OptimConfig(max_steps=300, lr=5e-4, warmup_steps=30, betas=(0.9, 0.98))
 
@@ -99,17 +102,22 @@ def sft_loss(
     teacher: torch.nn.Module | None = None,
     kl_weight: float = 0.0,
     kl_tokens: Literal["completion", "all"] = "completion",
+    hidden_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one batch and its metrics; padding enters neither the losses nor the ratios.
 
     The teacher KL covers the labelled positions, or with ``kl_tokens="all"`` every position
-    whose next token is real (prompt included).
+    whose next token is real (prompt included). ``hidden_weight`` adds the hidden-state loss
+    to the teacher on every real token.
 
     ``batch["group_mask"]`` ([B, S], optional) narrows the tokens L_GA and the r_ze metrics see.
     """
     token_mask = batch.get("group_mask", batch["attention_mask"]).bool()
     with record_routing(token_mask=token_mask, keep_probs=True) as recorder:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        output = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=hidden_weight > 0
+        )
+    logits = output.logits
     targets = batch["labels"][:, 1:]
     nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
     l_ga = group_aux_loss_over_layers(recorder, num_experts, group_loss.zero_group_weight, group_loss.alpha)
@@ -118,13 +126,21 @@ def sft_loss(
     per_layer = (counts[:, 1] / counts.sum(dim=1)).tolist()
     metrics = {"nll": nll.item(), "l_ga": l_ga.item(), "r_ze": float(counts[:, 1].sum() / counts.sum())}
     metrics |= {f"r_ze_layer{i}": ratio for i, ratio in enumerate(per_layer)}
-    if teacher is not None and kl_weight > 0:
-        with torch.no_grad():
-            teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if teacher is None or (kl_weight == 0 and hidden_weight == 0):
+        return loss, metrics
+    with torch.no_grad():
+        teacher_output = teacher(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=hidden_weight > 0
+        )
+    if kl_weight > 0:
         kl_mask = targets != -100 if kl_tokens == "completion" else batch["attention_mask"][:, 1:].bool()
-        kl = forward_kl(teacher_logits[:, :-1], logits[:, :-1], kl_mask)
+        kl = forward_kl(teacher_output.logits[:, :-1], logits[:, :-1], kl_mask)
         loss = loss + kl_weight * kl
         metrics["kl"] = kl.item()
+    if hidden_weight > 0:
+        hidden = hidden_state_loss(teacher_output.hidden_states, output.hidden_states, batch["attention_mask"].bool())
+        loss = loss + hidden_weight * hidden
+        metrics["hidden"] = hidden.item()
     return loss, metrics
 
 
@@ -174,7 +190,8 @@ def train_sft(config: SftConfig, resume: bool = False) -> Path:
     records = cached_rollouts(cache, prompts)
     text_blocks = text_mix_blocks(tokenizer, config.text, config.seed)
     student, num_experts = build_student(config)
-    teacher = load_model(config.teacher).to(accelerator.device) if config.kl_weight > 0 else None
+    distils = config.kl_weight > 0 or config.hidden_weight > 0
+    teacher = load_model(config.teacher).to(accelerator.device) if distils else None
     rank, world = accelerator.process_index, accelerator.num_processes
 
     def step_loss(model: torch.nn.Module, step: int, acc: Accelerator) -> tuple[torch.Tensor, dict[str, float]]:
@@ -189,7 +206,14 @@ def train_sft(config: SftConfig, resume: bool = False) -> Path:
             group_mask[len(rows) :] = 0
             batch["group_mask"] = group_mask
         loss, metrics = sft_loss(
-            model, batch, num_experts, config.group_loss, teacher, config.kl_weight, config.kl_tokens
+            model,
+            batch,
+            num_experts,
+            config.group_loss,
+            teacher,
+            config.kl_weight,
+            config.kl_tokens,
+            config.hidden_weight,
         )
         return loss, metrics | {"tokens": float(batch["attention_mask"].sum())}
 
@@ -214,7 +238,7 @@ def train_sft(config: SftConfig, resume: bool = False) -> Path:
 def _save_student(model: torch.nn.Module, config: SftConfig, log: MetricsLog, num_experts: int) -> None:
     target = group_aux_target_ratio(num_experts, config.zero_experts, config.group_loss.zero_group_weight)
     summary = {"stage": "sft", "config": json.loads(config.model_dump_json()), "target_zero_ratio": target}
-    curves = ["loss", "nll", "l_ga", "r_ze", "kl"]
+    curves = ["loss", "nll", "l_ga", "r_ze", "kl", "hidden"]
     save_trained_model(
         model, config.out, Path(config.teacher), log, curves, config.run_dir / "curves.png", "ZEDA SFT", summary
     )
