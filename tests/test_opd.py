@@ -84,6 +84,7 @@ def test_opd_padding_changes_neither_loss_nor_ratio(small_student: Path, small_d
         attention_mask=pad(batch.attention_mask, (0, extra)),
         routed_mask=pad(batch.routed_mask, (0, extra)),
         completion_mask=pad(batch.completion_mask, (0, extra)),
+        loss_mask=pad(batch.loss_mask, (0, extra)),
         old_logprobs=pad(batch.old_logprobs, (0, extra)),
         teacher_logprobs=pad(batch.teacher_logprobs, (0, extra)),
         replay={i: pad(ids, (0, 0, 0, extra), value=int(ids.max())) for i, ids in batch.replay.items()},
@@ -95,6 +96,18 @@ def test_opd_padding_changes_neither_loss_nor_ratio(small_student: Path, small_d
     torch.testing.assert_close(loss_padded, loss, rtol=1e-5, atol=1e-6)
     assert metrics_padded == pytest.approx(metrics, rel=1e-5, abs=1e-6)
     assert metrics["clip_fraction"] == 0.0  # first update: the new policy is the sampling policy
+
+
+def test_advantage_tokens_all_puts_the_prompt_in_the_loss(small_student: Path, small_data: Path) -> None:
+    _, prompts, generations, batch = _sampled_batch(small_student, small_data / "prompts" / "opd.jsonl", 3, False)
+    assert torch.equal(batch.loss_mask, batch.completion_mask)
+    sequences = [p + g.tokens for p, g in zip(prompts, generations, strict=True)]
+    scores = [[-0.5] * (len(s) - 1) for s in sequences]  # every target from token 1 on
+    tokenizer = AutoTokenizer.from_pretrained(small_student)
+    full = build_batch(prompts, generations, scores, tokenizer.pad_token_id, 12, torch.device("cpu"), [1] * 3)
+    assert torch.equal(full.completion_mask, batch.completion_mask)
+    assert torch.equal(full.loss_mask, full.attention_mask[:, 1:].bool())
+    assert (full.teacher_logprobs[full.loss_mask] == -0.5).all() and (full.teacher_logprobs[~full.loss_mask] == 0).all()
 
 
 def test_local_teacher_scores_and_caches(small_teacher: Path) -> None:

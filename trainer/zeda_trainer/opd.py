@@ -63,6 +63,9 @@ class OpdConfig(BaseModel):
     updates_per_batch: int = Field(default=1, ge=1)
     sampling: SamplingConfig = SamplingConfig()
     clip_eps: float = Field(default=0.2, gt=0.0)
+    advantage_tokens: Literal["completion", "all"] = "completion"
+    """Targets the clipped loss covers: the sampled completion, or also every prompt token (the
+    teacher scores the prompt as well, so the router keeps a dense signal on prompt tokens)."""
     routing_replay: bool = True
     group_loss: GroupLossConfig = GroupLossConfig(alpha=1.0)
     trainable: Literal["all", "router"] = "all"
@@ -82,6 +85,8 @@ class OnPolicyBatch:
     Attributes:
         input_ids, attention_mask: [B, W] int64.
         completion_mask: [B, W - 1] bool, True where target token ``t + 1`` is a sampled token.
+        loss_mask: [B, W - 1] bool, the targets of the clipped loss: the completion, or with
+            ``advantage_tokens: all`` every real target.
         old_logprobs: [B, W - 1] float32 log-probs of the targets under the sampling policy.
         teacher_logprobs: [B, W - 1] float32 teacher log-probs of the targets (0 off the mask).
         replay: layer -> [B, W, K] expert ids taken while sampling (empty without replay).
@@ -93,6 +98,7 @@ class OnPolicyBatch:
     attention_mask: torch.Tensor
     routed_mask: torch.Tensor
     completion_mask: torch.Tensor
+    loss_mask: torch.Tensor
     old_logprobs: torch.Tensor
     teacher_logprobs: torch.Tensor
     replay: dict[int, torch.Tensor]
@@ -123,16 +129,25 @@ def build_batch(
     pad_id: int,
     num_rows: int,
     device: torch.device,
+    scored_from: list[int] | None = None,
 ) -> OnPolicyBatch:
-    """Right-padded batch of prompt + completion; :class:`OnPolicySampler` fills in the old log-probs."""
+    """Right-padded batch of prompt + completion; :class:`OnPolicySampler` fills in the old log-probs.
+
+    ``teacher_scores[i]`` are the log-probs of ``sequence[scored_from[i]:]`` (default: the
+    completion); the scored targets form the loss mask.
+    """
+    scored_from = scored_from or [len(p) for p in prompts]
     sequences = [p + g.tokens for p, g in zip(prompts, generations, strict=True)]
     ids, attention = pad_batch(sequences, pad_id)
     batch, width = ids.shape
     completion = torch.zeros((batch, width - 1), dtype=torch.bool)
+    scored = torch.zeros_like(completion)
     teacher = torch.zeros((batch, width - 1), dtype=torch.float32)
-    for row, (prompt, sequence, scores) in enumerate(zip(prompts, sequences, teacher_scores, strict=True)):
+    rows = zip(prompts, sequences, teacher_scores, scored_from, strict=True)
+    for row, (prompt, sequence, scores, start) in enumerate(rows):
         completion[row, len(prompt) - 1 : len(sequence) - 1] = True
-        teacher[row, len(prompt) - 1 : len(sequence) - 1] = torch.tensor(scores)
+        scored[row, start - 1 : len(sequence) - 1] = True
+        teacher[row, start - 1 : len(sequence) - 1] = torch.tensor(scores)
     replay: dict[int, torch.Tensor] = {}
     routed = attention.bool()
     if generations and generations[0].routes is not None:
@@ -152,6 +167,7 @@ def build_batch(
         attention.to(device),
         routed.to(device),
         completion.to(device),
+        scored.to(device),
         torch.zeros(0),
         teacher.to(device),
         replay,
@@ -174,7 +190,9 @@ def opd_loss(
     new_logprobs, recorder = policy_forward(model, batch, keep_probs=True)
     mask = batch.completion_mask
     advantages = (batch.teacher_logprobs - batch.old_logprobs).detach()
-    policy, clip_fraction = clipped_policy_loss(new_logprobs, batch.old_logprobs, advantages, mask, config.clip_eps)
+    policy, clip_fraction = clipped_policy_loss(
+        new_logprobs, batch.old_logprobs, advantages, batch.loss_mask, config.clip_eps
+    )
     group = config.group_loss
     l_ga = group_aux_loss_over_layers(recorder, num_experts, group.zero_group_weight, group.alpha)
     counts = recorder.slot_counts().sum(dim=0).double()  # [L, 2]
@@ -235,8 +253,11 @@ class OnPolicySampler:
             record_routes=config.routing_replay,
         )
         sequences = [p + g.tokens for p, g in zip(prompts, generations, strict=True)]
-        scores = self.teacher.score(sequences, [len(p) for p in prompts])
-        batch = build_batch(prompts, generations, scores, self.tokenizer.pad_token_id, self.num_rows, device)
+        scored_from = [1 if config.advantage_tokens == "all" else len(p) for p in prompts]
+        scores = self.teacher.score(sequences, scored_from)
+        batch = build_batch(
+            prompts, generations, scores, self.tokenizer.pad_token_id, self.num_rows, device, scored_from
+        )
         batch.old_logprobs = policy_forward(model, batch, keep_probs=False)[0].detach()
         model.train()
         return batch
