@@ -82,3 +82,26 @@ def test_tuner_writes_configs_that_pick_config_uses(tmp_path: Path, monkeypatch)
         )
     finally:
         configs._tuned.cache_clear()
+
+
+def test_roofline_bench_json_and_markdown(tmp_path: Path) -> None:
+    out = tmp_path / "BENCHMARKS.md"
+    args = ["--shape", "tiny-teacher", "--tokens", "64", "--repeats", "1"]
+    result = json.loads(run("roofline.py", *args, "--json", "--write", str(out)).stdout)
+    assert result["rows_per_expert"] == {"r=0": 16, "r=0.5": 8}
+    assert result["read_bandwidth_gbs"] > 0 and result["gemm_gflops"] > 0
+    # Halving the arithmetic over the same weights gains between 1x and 2x under either model.
+    assert 1.0 <= result["bound_no_overlap"] <= 2.0 and 1.0 <= result["bound_full_overlap"] <= 2.0
+    assert set(result["paths"]) == {"F.linear (torch reference)", "oneDNN, weights prepacked"}
+    run("roofline.py", *args, "--write", str(out))
+    text = out.read_text()
+    assert text.count("<!-- bench:roofline:cpu -->") == 1 and "| oneDNN, weights prepacked |" in text
+
+
+def test_roofline_bench_rejects_too_few_tokens() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "kernels/bench/roofline.py"), "--shape", "qwen3-30b-a3b", "--tokens", "8"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "--tokens 8 gives under 2 rows per expert" in done.stderr
