@@ -8,7 +8,10 @@ per model: completion tokens/s, p50/p95 end-to-end latency, p50 TTFT, and r_ze f
 The MoE share of decode time is measured by profiling the teacher in this process: forward
 hooks time every MoE block and the whole model during batched decoding. Amdahl's bound for the
 ZEDA model's throughput gain is ``1 / ((1 - f) + f * (1 - r))``, with f that share and r the
-r_ze measured on this traffic.
+r_ze measured on this traffic. The ZEDA model is profiled the same way, which gives the MoE-layer
+speed-up it really gets per token, the distinct experts each MoE call runs in both models (their
+ratio is the weight-traffic bound of these batches), and the gain Amdahl predicts from the
+measured MoE-layer speed-up.
 
     python bench/serve.py --write BENCHMARKS.md
 """
@@ -105,24 +108,36 @@ async def run_load(url: str, model: str, requests: list[tuple[str, dict]], concu
     }
 
 
-def moe_share(model_path: str, requests: list[tuple[str, dict]], streams: int, max_tokens: int) -> float:
-    """Share of model forward time spent in MoE blocks while ``streams`` greedy requests decode."""
+def moe_profile(model_path: str, requests: list[tuple[str, dict]], streams: int, max_tokens: int) -> dict:
+    """Where ``streams`` batched greedy requests spend their forward time, for one model.
+
+    Returns seconds in the whole model (``model_s``) and in its MoE blocks (``moe_s``), the tokens
+    that went through MoE blocks (``moe_tokens``), and the MoE block calls (``moe_calls``) with the
+    distinct experts they ran (``expert_calls``: real slots only).
+    """
     engine = TorchEngine(model_path, max_batch=streams)
-    spent = {"moe": 0.0, "model": 0.0}
+    spent = {"moe_s": 0.0, "model_s": 0.0, "moe_tokens": 0, "moe_calls": 0, "expert_calls": 0}
     starts: dict[int, float] = {}
 
     def before(module, _args) -> None:
         starts[id(module)] = time.perf_counter()
 
     def after(kind: str):
-        def hook(module, _args, _output) -> None:
+        def hook(module, args, _output) -> None:
             spent[kind] += time.perf_counter() - starts.pop(id(module))
+            if kind == "moe_s":
+                spent["moe_tokens"] += args[0].shape[0] * args[0].shape[1]
 
         return hook
 
-    handles = [engine.model.register_forward_pre_hook(before), engine.model.register_forward_hook(after("model"))]
+    def count_experts(_gate, _args, routing) -> None:
+        spent["moe_calls"] += 1
+        spent["expert_calls"] += routing.topk_ids[~routing.zero_mask].unique().numel()
+
+    handles = [engine.model.register_forward_pre_hook(before), engine.model.register_forward_hook(after("model_s"))]
     for block in (m for m in engine.model.modules() if isinstance(m, ZeroExpertMoeBlock)):
-        handles += [block.register_forward_pre_hook(before), block.register_forward_hook(after("moe"))]
+        handles += [block.register_forward_pre_hook(before), block.register_forward_hook(after("moe_s"))]
+        handles.append(block.gate.register_forward_hook(count_experts))
     chat = [b for p, b in requests if p.endswith("chat/completions")][:streams]
     prompts = [engine.chat_prompt(b["messages"]) for b in chat]
 
@@ -139,10 +154,10 @@ def moe_share(model_path: str, requests: list[tuple[str, dict]], streams: int, m
         for handle in handles:
             handle.remove()
         engine.shutdown()
-    return spent["moe"] / spent["model"]
+    return spent
 
 
-def markdown(results: dict, share: float, command: str) -> str:
+def markdown(results: dict, command: str) -> str:
     concurrency = sorted({int(c) for c in results["teacher"]})
     lines = [
         f"<!-- {MARKER} -->",
@@ -166,14 +181,27 @@ def markdown(results: dict, share: float, command: str) -> str:
             )
     top = str(max(concurrency))
     r = results["zeda"][top]["zero_expert_ratio"]
+    teacher_profile = results["profile"]["teacher"]
+    share = teacher_profile["moe_s"] / teacher_profile["model_s"]
     bound = 1.0 / ((1.0 - share) + share * (1.0 - r))
     gain = results["zeda"][top]["tokens_per_s"] / results["teacher"][top]["tokens_per_s"]
+    per_token = {k: p["moe_s"] / p["moe_tokens"] for k, p in results["profile"].items()}
+    moe_speedup = per_token["teacher"] / per_token["zeda"]
+    experts = {k: p["expert_calls"] / p["moe_calls"] for k, p in results["profile"].items()}
+    predicted = 1.0 / ((1.0 - share) + share / moe_speedup)
     lines += [
         "",
         f"MoE share of the teacher's forward time at {top} streams (profiled): **{share:.1%}**. "
         f"With r_ze = {r:.3f}, Amdahl's bound on the throughput gain is **{bound:.2f}x**. "
         f"Measured gain at {top} streams: **{gain:.2f}x**, {gain / bound:.0%} of the bound "
         f"({(gain - 1) / (bound - 1) if bound > 1 else 0:.0%} of the bound's speed-up over 1x).",
+        "",
+        f"The same profile of both models at {top} streams: the MoE blocks take {per_token['teacher'] * 1e6:.1f} us "
+        f"per token in the teacher and {per_token['zeda'] * 1e6:.1f} us in ZEDA, a **{moe_speedup:.2f}x** MoE-layer "
+        f"speed-up where r_ze alone would allow {1 / (1 - r):.2f}x. Each MoE block call runs "
+        f"{experts['teacher']:.2f} distinct experts in the teacher and {experts['zeda']:.2f} in ZEDA (weight-traffic "
+        f"bound {experts['teacher'] / experts['zeda']:.2f}x). Amdahl with the measured MoE-layer speed-up predicts "
+        f"**{predicted:.2f}x**.",
         f"<!-- /{MARKER} -->",
     ]
     return "\n".join(lines) + "\n"
@@ -207,9 +235,13 @@ def main() -> int:
                 row = asyncio.run(run_load(urls[key], names[key], requests, concurrency))
                 results[key][str(concurrency)] = row
                 print(json.dumps({"model": key, "concurrency": concurrency, **row}), flush=True)
-    share = moe_share(args.teacher, requests, max(args.concurrency), args.max_tokens)
-    results["teacher_moe_share"] = share
-    section = markdown(results, share, command)
+    profile = {
+        key: moe_profile(path, requests, max(args.concurrency), args.max_tokens)
+        for key, path in (("teacher", args.teacher), ("zeda", args.zeda))
+    }
+    results["profile"] = profile
+    results["teacher_moe_share"] = profile["teacher"]["moe_s"] / profile["teacher"]["model_s"]
+    section = markdown(results, command)
     print(section)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

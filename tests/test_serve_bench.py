@@ -1,0 +1,32 @@
+"""bench/serve.py: the per-model MoE profile and the BENCHMARKS.md section built from it."""
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("serve_bench", ROOT / "bench" / "serve.py")
+serve_bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(serve_bench)
+
+
+def test_moe_profile_of_both_models_feeds_the_section() -> None:
+    requests = serve_bench.make_requests(8, 6, seed=0)
+    profile = {
+        key: serve_bench.moe_profile(str(ROOT / "models" / name), requests, streams=2, max_tokens=6)
+        for key, name in (("teacher", "tiny-teacher"), ("zeda", "tiny-zeda"))
+    }
+    for measured in profile.values():
+        assert 0 < measured["moe_s"] < measured["model_s"]
+        assert measured["moe_tokens"] > 0 and measured["moe_calls"] > 0
+        assert 0 < measured["expert_calls"] <= 8 * measured["moe_calls"]  # 8 real experts per layer
+    row = {"tokens_per_s": 100.0, "p50_latency_s": 0.1, "p95_latency_s": 0.2, "p50_ttft_s": 0.01}
+    results = {
+        "teacher": {"2": row | {"zero_expert_ratio": 0.0}},
+        "zeda": {"2": row | {"tokens_per_s": 110.0, "zero_expert_ratio": 0.4}},
+        "requests": 8,
+        "max_tokens": 6,
+        "profile": profile,
+    }
+    section = serve_bench.markdown(results, "python bench/serve.py")
+    assert section.startswith("<!-- bench:serve:cpu -->") and section.rstrip().endswith("<!-- /bench:serve:cpu -->")
+    assert "Amdahl with the measured MoE-layer speed-up predicts" in section and "| 2 | ZEDA | 110.0 |" in section
