@@ -109,7 +109,7 @@ async def run_load(url: str, model: str, requests: list[tuple[str, dict]], concu
 
 
 def moe_profile(model_path: str, requests: list[tuple[str, dict]], streams: int, max_tokens: int) -> dict:
-    """Where ``streams`` batched greedy requests spend their forward time, for one model.
+    """Where the request mix, ``streams`` at a time, spends its forward time in one model.
 
     Returns seconds in the whole model (``model_s``) and in its MoE blocks (``moe_s``), the tokens
     that went through MoE blocks (``moe_tokens``), and the MoE block calls (``moe_calls``) with the
@@ -138,13 +138,20 @@ def moe_profile(model_path: str, requests: list[tuple[str, dict]], streams: int,
     for block in (m for m in engine.model.modules() if isinstance(m, ZeroExpertMoeBlock)):
         handles += [block.register_forward_pre_hook(before), block.register_forward_hook(after("moe_s"))]
         handles.append(block.gate.register_forward_hook(count_experts))
-    chat = [b for p, b in requests if p.endswith("chat/completions")][:streams]
-    prompts = [engine.chat_prompt(b["messages"]) for b in chat]
+    prompts = [
+        engine.chat_prompt(body["messages"])
+        if path.endswith("chat/completions")
+        else engine.tokenizer(body["prompt"]).input_ids
+        for path, body in requests
+    ]
 
     async def decode() -> None:
+        slots = asyncio.Semaphore(streams)
+
         async def one(prompt: list[int]) -> None:
-            async for _ in engine.submit(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0)):
-                pass
+            async with slots:
+                async for _ in engine.submit(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0)):
+                    pass
 
         await asyncio.gather(*(one(p) for p in prompts))
 

@@ -10,7 +10,7 @@ spec.loader.exec_module(serve_bench)
 
 
 def test_moe_profile_of_both_models_feeds_the_section() -> None:
-    requests = serve_bench.make_requests(8, 6, seed=0)
+    requests = serve_bench.make_requests(6, 6, seed=0)
     profile = {
         key: serve_bench.moe_profile(str(ROOT / "models" / name), requests, streams=2, max_tokens=6)
         for key, name in (("teacher", "tiny-teacher"), ("zeda", "tiny-zeda"))
