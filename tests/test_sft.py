@@ -11,7 +11,7 @@ from zeda_cli.main import main
 from zeda_core import ZedaError, load_model
 from zeda_trainer.loop import OptimConfig
 from zeda_trainer.rollouts import RolloutConfig, load_prompts, teacher_rollouts
-from zeda_trainer.sft import GroupLossConfig, SftConfig, build_student, collate, sft_loss, train_sft
+from zeda_trainer.sft import SftConfig, build_student, collate, sft_loss, train_sft
 
 
 def test_rollouts_are_cached_deduplicated_and_resumable(small_teacher: Path, small_data: Path, tmp_path: Path) -> None:
@@ -60,13 +60,10 @@ def test_padding_changes_neither_loss_nor_ratio(small_teacher: Path) -> None:
     padded = {k: torch.nn.functional.pad(v, (0, 7), value=-100 if k == "labels" else 0) for k, v in tight.items()}
     teacher = load_model(small_teacher)
     for kl_tokens in ("completion", "all"):
+        terms = SftConfig(kl_weight=1.0, kl_tokens=kl_tokens, hidden_weight=1.0)
         with torch.no_grad():
-            loss_tight, metrics_tight = sft_loss(
-                student, tight, num_experts, GroupLossConfig(), teacher, 1.0, kl_tokens, 1.0
-            )
-            loss_padded, metrics_padded = sft_loss(
-                student, padded, num_experts, GroupLossConfig(), teacher, 1.0, kl_tokens, 1.0
-            )
+            loss_tight, metrics_tight = sft_loss(student, tight, num_experts, terms, teacher)
+            loss_padded, metrics_padded = sft_loss(student, padded, num_experts, terms, teacher)
         torch.testing.assert_close(loss_padded, loss_tight, rtol=1e-6, atol=1e-6)
         assert metrics_padded == pytest.approx(metrics_tight, rel=1e-6, abs=1e-6)
 
@@ -77,8 +74,9 @@ def test_preserve_student_matches_the_teacher_exactly(small_teacher: Path) -> No
     teacher = load_model(small_teacher)
     batch = collate([{"prompt_ids": [1, 4, 30, 31, 2, 5], "completion_ids": [40, 41, 2]}], 0, torch.device("cpu"))
     with torch.no_grad():
-        same = sft_loss(student, batch, num_experts, GroupLossConfig(), teacher, 1.0, "all", 1.0)[1]
-        moved = sft_loss(gaussian, batch, num_experts, GroupLossConfig(), teacher, 1.0, "all", 1.0)[1]
+        terms = SftConfig(kl_weight=1.0, kl_tokens="all", hidden_weight=1.0)
+        same = sft_loss(student, batch, num_experts, terms, teacher)[1]
+        moved = sft_loss(gaussian, batch, num_experts, terms, teacher)[1]
     assert same["kl"] == pytest.approx(0.0, abs=1e-6)
     assert same["hidden"] == pytest.approx(0.0, abs=1e-8)
     assert moved["hidden"] > 1e-4 and moved["kl"] > 1e-4
@@ -91,7 +89,7 @@ def test_kl_tokens_all_covers_prompt_positions(small_teacher: Path) -> None:
     batch = collate(records, pad_id=0, device=torch.device("cpu"))
     with torch.no_grad():
         kl = {
-            tokens: sft_loss(student, batch, num_experts, GroupLossConfig(), teacher, 1.0, tokens)[1]["kl"]
+            tokens: sft_loss(student, batch, num_experts, SftConfig(kl_weight=1.0, kl_tokens=tokens), teacher)[1]["kl"]
             for tokens in ("completion", "all")
         }
         student_lp = student(input_ids=batch["input_ids"]).logits[0, :-1].float().log_softmax(-1)

@@ -98,20 +98,19 @@ def sft_loss(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
     num_experts: int,
-    group_loss: GroupLossConfig,
+    config: SftConfig,
     teacher: torch.nn.Module | None = None,
-    kl_weight: float = 0.0,
-    kl_tokens: Literal["completion", "all"] = "completion",
-    hidden_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one batch and its metrics; padding enters neither the losses nor the ratios.
 
-    The teacher KL covers the labelled positions, or with ``kl_tokens="all"`` every position
-    whose next token is real (prompt included). ``hidden_weight`` adds the hidden-state loss
-    to the teacher on every real token.
+    ``config`` gives L_GA (``group_loss``) and, with a ``teacher``, the teacher terms: the KL
+    (``kl_weight``) over the labelled positions, or with ``kl_tokens="all"`` every position whose
+    next token is real (prompt included), and the hidden-state loss (``hidden_weight``) on every
+    real token.
 
     ``batch["group_mask"]`` ([B, S], optional) narrows the tokens L_GA and the r_ze metrics see.
     """
+    hidden_weight, kl_weight = config.hidden_weight, config.kl_weight
     token_mask = batch.get("group_mask", batch["attention_mask"]).bool()
     with record_routing(token_mask=token_mask, keep_probs=True) as recorder:
         output = model(
@@ -120,7 +119,8 @@ def sft_loss(
     logits = output.logits
     targets = batch["labels"][:, 1:]
     nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-    l_ga = group_aux_loss_over_layers(recorder, num_experts, group_loss.zero_group_weight, group_loss.alpha)
+    group = config.group_loss
+    l_ga = group_aux_loss_over_layers(recorder, num_experts, group.zero_group_weight, group.alpha)
     loss = nll + l_ga
     counts = recorder.slot_counts().sum(dim=0).double()  # [L, 2]
     per_layer = (counts[:, 1] / counts.sum(dim=1)).tolist()
@@ -133,7 +133,7 @@ def sft_loss(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=hidden_weight > 0
         )
     if kl_weight > 0:
-        kl_mask = targets != -100 if kl_tokens == "completion" else batch["attention_mask"][:, 1:].bool()
+        kl_mask = targets != -100 if config.kl_tokens == "completion" else batch["attention_mask"][:, 1:].bool()
         kl = forward_kl(teacher_output.logits[:, :-1], logits[:, :-1], kl_mask)
         loss = loss + kl_weight * kl
         metrics["kl"] = kl.item()
@@ -205,16 +205,7 @@ def train_sft(config: SftConfig, resume: bool = False) -> Path:
             group_mask = batch["attention_mask"].clone()
             group_mask[len(rows) :] = 0
             batch["group_mask"] = group_mask
-        loss, metrics = sft_loss(
-            model,
-            batch,
-            num_experts,
-            config.group_loss,
-            teacher,
-            config.kl_weight,
-            config.kl_tokens,
-            config.hidden_weight,
-        )
+        loss, metrics = sft_loss(model, batch, num_experts, config, teacher)
         return loss, metrics | {"tokens": float(batch["attention_mask"].sum())}
 
     target = group_aux_target_ratio(num_experts, config.zero_experts, config.group_loss.zero_group_weight)
