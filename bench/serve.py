@@ -242,12 +242,10 @@ def main() -> int:
                 row = asyncio.run(run_load(urls[key], names[key], requests, concurrency))
                 results[key][str(concurrency)] = row
                 print(json.dumps({"model": key, "concurrency": concurrency, **row}), flush=True)
-    profile = {
+    results["profile"] = {
         key: moe_profile(path, requests, max(args.concurrency), args.max_tokens)
         for key, path in (("teacher", args.teacher), ("zeda", args.zeda))
     }
-    results["profile"] = profile
-    results["teacher_moe_share"] = profile["teacher"]["moe_s"] / profile["teacher"]["model_s"]
     section = markdown(results, command)
     print(section)
     if args.json:
