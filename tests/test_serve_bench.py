@@ -30,3 +30,7 @@ def test_moe_profile_of_both_models_feeds_the_section() -> None:
     section = serve_bench.markdown(results, "python bench/serve.py")
     assert section.startswith("<!-- bench:serve:cpu -->") and section.rstrip().endswith("<!-- /bench:serve:cpu -->")
     assert "Amdahl with the measured MoE-layer speed-up predicts" in section and "| 2 | ZEDA | 110.0 |" in section
+    share = profile["teacher"]["moe_s"] / profile["teacher"]["model_s"]
+    experts = {key: p["expert_calls"] / p["moe_calls"] for key, p in profile.items()}
+    traffic_gain = 1.0 / ((1.0 - share) + share * experts["zeda"] / experts["teacher"])
+    assert f"the gain could reach at most **{traffic_gain:.2f}x**" in section

@@ -11,7 +11,7 @@ from zeda_cli.main import main
 from zeda_core import ZedaError, load_model
 from zeda_trainer.loop import OptimConfig
 from zeda_trainer.rollouts import RolloutConfig, load_prompts, teacher_rollouts
-from zeda_trainer.sft import SftConfig, build_student, collate, sft_loss, train_sft
+from zeda_trainer.sft import SftConfig, build_student, collate, length_chunks, sft_loss, train_sft
 
 
 def test_rollouts_are_cached_deduplicated_and_resumable(small_teacher: Path, small_data: Path, tmp_path: Path) -> None:
@@ -66,6 +66,52 @@ def test_padding_changes_neither_loss_nor_ratio(small_teacher: Path) -> None:
             loss_padded, metrics_padded = sft_loss(student, padded, num_experts, terms, teacher)
         torch.testing.assert_close(loss_padded, loss_tight, rtol=1e-6, atol=1e-6)
         assert metrics_padded == pytest.approx(metrics_tight, rel=1e-6, abs=1e-6)
+
+
+def test_length_chunks_group_rows_of_similar_length() -> None:
+    lengths = torch.tensor([128, 20, 0, 25, 50, 128, 9, 41])
+    chunks = [chunk.tolist() for chunk in length_chunks(lengths)]
+    assert chunks == [[6], [1, 3], [7, 4], [0, 5]]  # 9 | 20, 25 | 41, 50 | 128, 128; the empty row left out
+    assert [chunk.tolist() for chunk in length_chunks(lengths, max_chunks=1)] == [[6, 1, 3, 7, 4, 0, 5]]
+    with pytest.raises(ZedaError, match="no real tokens"):
+        length_chunks(torch.zeros(3, dtype=torch.long))
+
+
+def test_length_chunked_loss_equals_one_forward(small_teacher: Path) -> None:
+    """Rows of very different lengths run in several groups; loss, metrics and gradients are the
+    ones of the whole batch in a single forward."""
+    config = SftConfig(teacher=small_teacher, zero_experts=4, kl_weight=1.0, kl_tokens="all", hidden_weight=0.5)
+    student, num_experts = build_student(config)
+    teacher = load_model(small_teacher)
+    generator = torch.Generator().manual_seed(0)
+    records = [
+        {"prompt_ids": torch.randint(3, 60, (n,), generator=generator).tolist(), "completion_ids": [40, 41, 2]}
+        for n in (3, 5, 14, 30, 4, 61)
+    ]
+    batch = collate(records, pad_id=0, device=torch.device("cpu"))
+    batch["group_mask"] = batch["attention_mask"].clone()
+    batch["group_mask"][-1] = 0  # a text row: in every loss but L_GA
+    assert len(length_chunks(batch["attention_mask"].sum(dim=1))) == 3  # 6-8 | 17, 33 | 64 tokens
+    results = []
+    for max_chunks in (1, 8):
+        student.zero_grad()
+        loss, metrics = sft_loss(student, batch, num_experts, config, teacher, max_chunks=max_chunks)
+        loss.backward()
+        results.append((loss.detach(), metrics, [p.grad.clone() for p in student.parameters() if p.grad is not None]))
+    (one_loss, one_metrics, one_grads), (loss, metrics, grads) = results
+    torch.testing.assert_close(loss, one_loss, rtol=1e-5, atol=1e-6)
+    assert metrics == pytest.approx(one_metrics, rel=1e-5, abs=1e-6)
+    assert len(grads) == len(one_grads)
+    for grad, one_grad in zip(grads, one_grads, strict=True):
+        torch.testing.assert_close(grad, one_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_left_padded_batch_is_refused(small_teacher: Path) -> None:
+    student, num_experts = build_student(SftConfig(teacher=small_teacher, zero_experts=4))
+    batch = collate([{"prompt_ids": [1, 4, 30], "completion_ids": [40, 2]}], 0, torch.device("cpu"))
+    batch = {key: torch.nn.functional.pad(value, (2, 0)) for key, value in batch.items()}
+    with pytest.raises(ZedaError, match="right-padded"):
+        sft_loss(student, batch, num_experts, SftConfig())
 
 
 def test_preserve_student_matches_the_teacher_exactly(small_teacher: Path) -> None:

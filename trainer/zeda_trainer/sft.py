@@ -25,7 +25,7 @@ from zeda_core.batching import pad_batch
 from zeda_core.checkpoint import load_model, resolve_checkpoint
 from zeda_core.convert import inject_zero_experts, nudge_zero_bias
 from zeda_core.errors import ZedaError
-from zeda_core.losses import forward_kl, group_aux_loss_over_layers, group_aux_target_ratio, hidden_state_loss
+from zeda_core.losses import forward_kl, group_aux_loss, group_aux_target_ratio, hidden_state_loss
 from zeda_core.moe import ZeroExpertMoeBlock
 from zeda_core.recording import record_routing
 from zeda_trainer.data.packing import global_batch_rows, pack_blocks, read_user_jsonl
@@ -94,14 +94,79 @@ def collate(records: list[dict[str, Any]], pad_id: int, device: torch.device) ->
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
+def length_chunks(lengths: torch.Tensor, max_chunks: int = 8) -> list[torch.Tensor]:
+    """Rows of a batch grouped by length, so that each group runs with little padding.
+
+    Rows are taken shortest first; a new group opens when a row is more than twice as long as
+    the current group's shortest, until ``max_chunks`` groups are open. Empty rows are left out.
+
+    Args:
+        lengths: [B] real tokens per row.
+        max_chunks: most groups (1 = the whole batch in one group).
+
+    Returns:
+        [b_i] int64 row indices per group, every non-empty row exactly once.
+    """
+    order = [row for row in torch.argsort(lengths.cpu(), stable=True).tolist() if lengths[row] > 0]
+    if not order:
+        raise ZedaError("the batch has no real tokens")
+    chunks = [[order[0]]]
+    for row in order[1:]:
+        if len(chunks) < max_chunks and lengths[row] > 2 * lengths[chunks[-1][0]]:
+            chunks.append([row])
+        else:
+            chunks[-1].append(row)
+    return [torch.tensor(chunk, device=lengths.device) for chunk in chunks]
+
+
+def _chunk_forward(
+    model: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    batch: dict[str, torch.Tensor],
+    rows: torch.Tensor,
+    config: SftConfig,
+) -> dict[str, Any]:
+    """Forward of some rows of a right-padded batch, cut to their longest row.
+
+    Returns the real tokens' terms, flattened: ``logits`` [P, V] and ``targets`` [P] at the P
+    positions whose next token is real (teacher's ``teacher_logits`` likewise), ``probs`` and
+    ``zero`` per MoE layer over the group-loss tokens, ``counts`` [L, 2] (real, zero) slots, and
+    with the hidden-state loss on, per-layer ``hidden`` / ``teacher_hidden`` [R, H] of real tokens.
+    """
+    width = int(batch["attention_mask"][rows].sum(dim=1).max())
+    ids, attention = batch["input_ids"][rows, :width], batch["attention_mask"][rows, :width]
+    group = batch.get("group_mask", batch["attention_mask"])[rows, :width].bool()
+    real, has_next = attention.bool(), attention[:, 1:].bool()
+    hidden = config.hidden_weight > 0
+    with record_routing(token_mask=group, keep_probs=True) as recorder:
+        output = model(input_ids=ids, attention_mask=attention, output_hidden_states=hidden)
+    piece: dict[str, Any] = {
+        "logits": output.logits[:, :-1][has_next],
+        "targets": batch["labels"][rows, 1:width][has_next],
+        "probs": [layer.probs[group] for layer in recorder.layers],
+        "zero": [layer.zero_mask[group] for layer in recorder.layers],
+        "counts": recorder.slot_counts().sum(dim=0),
+    }
+    if hidden:
+        piece["hidden"] = [h[real] for h in output.hidden_states]
+    if teacher is not None and (config.kl_weight > 0 or hidden):
+        with torch.no_grad():
+            teacher_output = teacher(input_ids=ids, attention_mask=attention, output_hidden_states=hidden)
+        piece["teacher_logits"] = teacher_output.logits[:, :-1][has_next]
+        if hidden:
+            piece["teacher_hidden"] = [h[real] for h in teacher_output.hidden_states]
+    return piece
+
+
 def sft_loss(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
     num_experts: int,
     config: SftConfig,
     teacher: torch.nn.Module | None = None,
+    max_chunks: int = 8,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss of one batch and its metrics; padding enters neither the losses nor the ratios.
+    """Loss of one right-padded batch and its metrics; padding enters neither the losses nor the ratios.
 
     ``config`` gives L_GA (``group_loss``) and, with a ``teacher``, the teacher terms: the KL
     (``kl_weight``) over the labelled positions, or with ``kl_tokens="all"`` every position whose
@@ -109,37 +174,45 @@ def sft_loss(
     real token.
 
     ``batch["group_mask"]`` ([B, S], optional) narrows the tokens L_GA and the r_ze metrics see.
+
+    Rows run in groups of similar length (:func:`length_chunks`, at most ``max_chunks``), so
+    short rollouts next to long text blocks cost little padding. Every term is computed on the
+    real tokens of all groups together, so the loss is that of the whole batch in one forward.
     """
-    hidden_weight, kl_weight = config.hidden_weight, config.kl_weight
-    token_mask = batch.get("group_mask", batch["attention_mask"]).bool()
-    with record_routing(token_mask=token_mask, keep_probs=True) as recorder:
-        output = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=hidden_weight > 0
-        )
-    logits = output.logits
-    targets = batch["labels"][:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    mask = batch["attention_mask"].bool()
+    if not (mask[:, 1:] <= mask[:, :-1]).all():
+        raise ZedaError("SFT batches must be right-padded")
+    chunks = length_chunks(mask.sum(dim=1), max_chunks)
+    pieces = [_chunk_forward(model, teacher, batch, rows, config) for rows in chunks]
+
+    def joined(key: str) -> torch.Tensor:
+        return torch.cat([piece[key] for piece in pieces])
+
+    def joined_layers(key: str) -> list[torch.Tensor]:
+        return [torch.cat(layer) for layer in zip(*(piece[key] for piece in pieces), strict=True)]
+
+    logits, targets = joined("logits"), joined("targets")
+    nll = F.cross_entropy(logits.float(), targets, ignore_index=-100)
     group = config.group_loss
-    l_ga = group_aux_loss_over_layers(recorder, num_experts, group.zero_group_weight, group.alpha)
+    l_ga = torch.stack(
+        [
+            group_aux_loss(probs, zero, num_experts, None, group.zero_group_weight, group.alpha)
+            for probs, zero in zip(joined_layers("probs"), joined_layers("zero"), strict=True)
+        ]
+    ).mean()
     loss = nll + l_ga
-    counts = recorder.slot_counts().sum(dim=0).double()  # [L, 2]
+    counts = torch.stack([piece["counts"] for piece in pieces]).sum(dim=0).double()  # [L, 2]
     per_layer = (counts[:, 1] / counts.sum(dim=1)).tolist()
     metrics = {"nll": nll.item(), "l_ga": l_ga.item(), "r_ze": float(counts[:, 1].sum() / counts.sum())}
     metrics |= {f"r_ze_layer{i}": ratio for i, ratio in enumerate(per_layer)}
-    if teacher is None or (kl_weight == 0 and hidden_weight == 0):
-        return loss, metrics
-    with torch.no_grad():
-        teacher_output = teacher(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=hidden_weight > 0
-        )
-    if kl_weight > 0:
-        kl_mask = targets != -100 if config.kl_tokens == "completion" else batch["attention_mask"][:, 1:].bool()
-        kl = forward_kl(teacher_output.logits[:, :-1], logits[:, :-1], kl_mask)
-        loss = loss + kl_weight * kl
+    if "teacher_logits" in pieces[0] and config.kl_weight > 0:
+        covered = targets != -100 if config.kl_tokens == "completion" else slice(None)
+        kl = forward_kl(joined("teacher_logits")[covered], logits[covered])
+        loss = loss + config.kl_weight * kl
         metrics["kl"] = kl.item()
-    if hidden_weight > 0:
-        hidden = hidden_state_loss(teacher_output.hidden_states, output.hidden_states, batch["attention_mask"].bool())
-        loss = loss + hidden_weight * hidden
+    if "teacher_hidden" in pieces[0]:
+        hidden = hidden_state_loss(joined_layers("teacher_hidden"), joined_layers("hidden"))
+        loss = loss + config.hidden_weight * hidden
         metrics["hidden"] = hidden.item()
     return loss, metrics
 
