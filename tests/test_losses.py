@@ -124,3 +124,19 @@ def test_opd_advantage_is_teacher_minus_student_logprob() -> None:
     assert not adv.requires_grad
     torch.testing.assert_close(adv, ((lp_t - lp_s) * mask).detach())
     assert adv[0, 0] == 0 and adv[1, 1] == 0
+
+
+def test_zero_allocation_moves_zero_probability_from_hard_to_easy_tokens() -> None:
+    from zeda_core.losses import zero_allocation_loss
+
+    zero_probs = torch.tensor([[0.2, 0.8], [0.4, 0.6]], requires_grad=True)  # [L=2, T=2]
+    difficulty = torch.tensor([1.0, 3.0])  # relative weights -0.5 and +0.5
+    loss = zero_allocation_loss(zero_probs, difficulty)
+    assert loss.item() == pytest.approx((0.2 * -0.5 + 0.8 * 0.5 + 0.4 * -0.5 + 0.6 * 0.5) / 4)
+    loss.backward()
+    # Descent lowers the zero probability of the hard token and raises the easy one's.
+    torch.testing.assert_close(zero_probs.grad, torch.tensor([[-0.125, 0.125], [-0.125, 0.125]]))
+    assert zero_allocation_loss(zero_probs, torch.tensor([2.0, 2.0])).item() == 0.0  # equally hard: no push
+    assert zero_allocation_loss(torch.zeros(2, 0), torch.zeros(0)).item() == 0.0
+    with pytest.raises(ZedaError, match="disagree on tokens"):
+        zero_allocation_loss(zero_probs, torch.ones(3))

@@ -80,7 +80,9 @@ def test_length_chunks_group_rows_of_similar_length() -> None:
 def test_length_chunked_loss_equals_one_forward(small_teacher: Path) -> None:
     """Rows of very different lengths run in several groups; loss, metrics and gradients are the
     ones of the whole batch in a single forward."""
-    config = SftConfig(teacher=small_teacher, zero_experts=4, kl_weight=1.0, kl_tokens="all", hidden_weight=0.5)
+    config = SftConfig(
+        teacher=small_teacher, zero_experts=4, kl_weight=1.0, kl_tokens="all", hidden_weight=0.5, allocation_weight=1.0
+    )
     student, num_experts = build_student(config)
     teacher = load_model(small_teacher)
     generator = torch.Generator().manual_seed(0)

@@ -134,6 +134,31 @@ def forward_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask:
     return _masked_mean(per_token_forward_kl(teacher, student), mask)
 
 
+def zero_allocation_loss(zero_probs: torch.Tensor, difficulty: torch.Tensor) -> torch.Tensor:
+    """Moves zero-expert probability from hard tokens to easy ones, at an unchanged mean.
+
+    ``mean over layers and tokens of (d_t / mean(d) - 1) * P_zero(t)``: the weight is positive on
+    tokens harder than average (their zero probability is pushed down) and negative on easier
+    ones, and sums to 0 over the tokens, so the loss redistributes zero slots and leaves their
+    overall share to L_GA.
+
+    Args:
+        zero_probs: [L, T] routing probability of the zero group per MoE layer and token.
+        difficulty: [T] non-negative per-token difficulty (e.g. the KL to the teacher); detached.
+
+    Returns:
+        Scalar; 0 when there is no token or every token is equally hard.
+    """
+    if zero_probs.shape[-1] != difficulty.shape[-1]:
+        shapes = f"zero_probs {list(zero_probs.shape)} and difficulty {list(difficulty.shape)}"
+        raise ZedaError(f"{shapes} disagree on tokens")
+    if difficulty.numel() == 0:
+        return zero_probs.sum() * 0.0
+    difficulty = difficulty.detach().float()
+    weight = difficulty / difficulty.mean().clamp(min=1e-12) - 1.0
+    return (zero_probs.float() * weight).mean()
+
+
 def hidden_state_loss(
     teacher_hidden: tuple[torch.Tensor, ...] | list[torch.Tensor],
     student_hidden: tuple[torch.Tensor, ...] | list[torch.Tensor],

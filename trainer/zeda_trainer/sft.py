@@ -25,7 +25,13 @@ from zeda_core.batching import pad_batch
 from zeda_core.checkpoint import load_model, resolve_checkpoint
 from zeda_core.convert import inject_zero_experts, nudge_zero_bias
 from zeda_core.errors import ZedaError
-from zeda_core.losses import forward_kl, group_aux_loss, group_aux_target_ratio, hidden_state_loss
+from zeda_core.losses import (
+    group_aux_loss,
+    group_aux_target_ratio,
+    hidden_state_loss,
+    per_token_forward_kl,
+    zero_allocation_loss,
+)
 from zeda_core.moe import ZeroExpertMoeBlock
 from zeda_core.recording import record_routing
 from zeda_trainer.data.packing import global_batch_rows, pack_blocks, read_user_jsonl
@@ -79,6 +85,10 @@ class SftConfig(BaseModel):
     hidden_weight: float = Field(default=0.0, ge=0.0)
     """Weight of the hidden-state loss: the student's residual stream after every layer is pulled
     to the teacher's on every real token (relative squared error, averaged over layers)."""
+    allocation_weight: float = Field(default=0.0, ge=0.0)
+    """Weight of the zero-allocation loss (needs the teacher KL): on the group-loss tokens whose
+    next token the KL covers, zero-expert probability moves from tokens the student predicts
+    worse than average (higher KL) to tokens it predicts better, at an unchanged share."""
     trainable: Literal["all", "router"] = "all"
     optim: OptimConfig = OptimConfig(max_steps=300, lr=5e-4, warmup_steps=30, betas=(0.9, 0.98))
 
@@ -128,10 +138,16 @@ def _chunk_forward(
 ) -> dict[str, Any]:
     """Forward of some rows of a right-padded batch, cut to their longest row.
 
-    Returns the real tokens' terms, flattened: ``logits`` [P, V] and ``targets`` [P] at the P
-    positions whose next token is real (teacher's ``teacher_logits`` likewise), ``probs`` and
-    ``zero`` per MoE layer over the group-loss tokens, ``counts`` [L, 2] (real, zero) slots, and
-    with the hidden-state loss on, per-layer ``hidden`` / ``teacher_hidden`` [R, H] of real tokens.
+    Returns the real tokens' terms, flattened:
+
+    - ``logits`` [P, V] and ``targets`` [P] at the P positions whose next token is real, and the
+      teacher's ``teacher_logits`` [P, V] at the same positions;
+    - per MoE layer, ``probs`` [G, N + Z] and ``zero`` [G, K] over the G group-loss tokens;
+    - ``counts`` [L, 2], the (real, zero) slots per layer over the group-loss tokens;
+    - with the allocation loss on, per layer ``next_probs`` [P, N + Z], and ``next_group`` [P]
+      (whether the position is a group-loss token);
+    - with the hidden-state loss on, per layer ``hidden`` / ``teacher_hidden`` [R, H] over the R
+      real tokens.
     """
     width = int(batch["attention_mask"][rows].sum(dim=1).max())
     ids, attention = batch["input_ids"][rows, :width], batch["attention_mask"][rows, :width]
@@ -147,6 +163,9 @@ def _chunk_forward(
         "zero": [layer.zero_mask[group] for layer in recorder.layers],
         "counts": recorder.slot_counts().sum(dim=0),
     }
+    if config.allocation_weight > 0:
+        piece["next_probs"] = [layer.probs[:, :-1][has_next] for layer in recorder.layers]
+        piece["next_group"] = group[:, :-1][has_next]
     if hidden:
         piece["hidden"] = [h[real] for h in output.hidden_states]
     if teacher is not None and (config.kl_weight > 0 or hidden):
@@ -206,10 +225,19 @@ def sft_loss(
     metrics = {"nll": nll.item(), "l_ga": l_ga.item(), "r_ze": float(counts[:, 1].sum() / counts.sum())}
     metrics |= {f"r_ze_layer{i}": ratio for i, ratio in enumerate(per_layer)}
     if "teacher_logits" in pieces[0] and config.kl_weight > 0:
-        covered = targets != -100 if config.kl_tokens == "completion" else slice(None)
-        kl = forward_kl(joined("teacher_logits")[covered], logits[covered])
+        covered = targets != -100 if config.kl_tokens == "completion" else torch.ones_like(targets, dtype=torch.bool)
+        teacher_logprobs = torch.log_softmax(joined("teacher_logits")[covered].float(), dim=-1)
+        per_token = per_token_forward_kl(teacher_logprobs, torch.log_softmax(logits[covered].float(), dim=-1))
+        kl = per_token.mean()
         loss = loss + config.kl_weight * kl
         metrics["kl"] = kl.item()
+        if config.allocation_weight > 0:
+            chosen = joined("next_group")[covered]
+            layers = joined_layers("next_probs")
+            zero_probs = torch.stack([probs[covered][chosen, num_experts:].sum(-1) for probs in layers])
+            allocation = zero_allocation_loss(zero_probs, per_token[chosen])
+            loss = loss + config.allocation_weight * allocation
+            metrics["allocation"] = allocation.item()
     if "teacher_hidden" in pieces[0]:
         hidden = hidden_state_loss(joined_layers("teacher_hidden"), joined_layers("hidden"))
         loss = loss + config.hidden_weight * hidden
