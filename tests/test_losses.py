@@ -140,3 +140,18 @@ def test_zero_allocation_moves_zero_probability_from_hard_to_easy_tokens() -> No
     assert zero_allocation_loss(torch.zeros(2, 0), torch.zeros(0)).item() == 0.0
     with pytest.raises(ZedaError, match="disagree on tokens"):
         zero_allocation_loss(zero_probs, torch.ones(3))
+
+
+def test_zero_allocation_within_sequences_never_moves_zeros_between_them() -> None:
+    from zeda_core.losses import zero_allocation_loss
+
+    # Sequence 0 is hard throughout, sequence 1 easy throughout: no move across sequences.
+    zero_probs = torch.tensor([[0.3, 0.6, 0.5, 0.1]], requires_grad=True)
+    difficulty, groups = torch.tensor([4.0, 4.0, 1.0, 1.0]), torch.tensor([7, 7, 2, 2])
+    loss = zero_allocation_loss(zero_probs, difficulty, groups)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.count_nonzero(zero_probs.grad) == 0
+    # Within a sequence, the harder token's zero probability is pushed down.
+    within = zero_allocation_loss(zero_probs, torch.tensor([1.0, 3.0, 2.0, 2.0]), groups)
+    assert within.item() == pytest.approx((0.3 * -0.5 + 0.6 * 0.5) / 4)

@@ -134,17 +134,21 @@ def forward_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask:
     return _masked_mean(per_token_forward_kl(teacher, student), mask)
 
 
-def zero_allocation_loss(zero_probs: torch.Tensor, difficulty: torch.Tensor) -> torch.Tensor:
+def zero_allocation_loss(
+    zero_probs: torch.Tensor, difficulty: torch.Tensor, groups: torch.Tensor | None = None
+) -> torch.Tensor:
     """Moves zero-expert probability from hard tokens to easy ones, at an unchanged mean.
 
     ``mean over layers and tokens of (d_t / mean(d) - 1) * P_zero(t)``: the weight is positive on
     tokens harder than average (their zero probability is pushed down) and negative on easier
     ones, and sums to 0 over the tokens, so the loss redistributes zero slots and leaves their
-    overall share to L_GA.
+    overall share to L_GA. With ``groups``, the average is taken within each group (a sequence),
+    so zero slots move between the tokens of a sequence, never from one sequence to another.
 
     Args:
         zero_probs: [L, T] routing probability of the zero group per MoE layer and token.
         difficulty: [T] non-negative per-token difficulty (e.g. the KL to the teacher); detached.
+        groups: [T] int64 group id of each token, or ``None`` for one group.
 
     Returns:
         Scalar; 0 when there is no token or every token is equally hard.
@@ -155,7 +159,13 @@ def zero_allocation_loss(zero_probs: torch.Tensor, difficulty: torch.Tensor) -> 
     if difficulty.numel() == 0:
         return zero_probs.sum() * 0.0
     difficulty = difficulty.detach().float()
-    weight = difficulty / difficulty.mean().clamp(min=1e-12) - 1.0
+    if groups is None:
+        mean = difficulty.mean()
+    else:
+        ids, groups = torch.unique(groups, return_inverse=True)
+        totals = torch.zeros(ids.numel(), device=difficulty.device).index_add_(0, groups, difficulty)
+        mean = (totals / torch.bincount(groups, minlength=ids.numel()))[groups]
+    weight = difficulty / mean.clamp(min=1e-12) - 1.0
     return (zero_probs.float() * weight).mean()
 
 

@@ -88,7 +88,7 @@ class SftConfig(BaseModel):
     allocation_weight: float = Field(default=0.0, ge=0.0)
     """Weight of the zero-allocation loss (needs the teacher KL): on the group-loss tokens whose
     next token the KL covers, zero-expert probability moves from tokens the student predicts
-    worse than average (higher KL) to tokens it predicts better, at an unchanged share."""
+    worse than the average of their sequence (higher KL) to the sequence's easier tokens."""
     trainable: Literal["all", "router"] = "all"
     optim: OptimConfig = OptimConfig(max_steps=300, lr=5e-4, warmup_steps=30, betas=(0.9, 0.98))
 
@@ -144,8 +144,8 @@ def _chunk_forward(
       teacher's ``teacher_logits`` [P, V] at the same positions;
     - per MoE layer, ``probs`` [G, N + Z] and ``zero`` [G, K] over the G group-loss tokens;
     - ``counts`` [L, 2], the (real, zero) slots per layer over the group-loss tokens;
-    - with the allocation loss on, per layer ``next_probs`` [P, N + Z], and ``next_group`` [P]
-      (whether the position is a group-loss token);
+    - with the allocation loss on, per layer ``next_probs`` [P, N + Z], ``next_group`` [P]
+      (whether the position is a group-loss token) and ``next_row`` [P] (its batch row);
     - with the hidden-state loss on, per layer ``hidden`` / ``teacher_hidden`` [R, H] over the R
       real tokens.
     """
@@ -166,6 +166,7 @@ def _chunk_forward(
     if config.allocation_weight > 0:
         piece["next_probs"] = [layer.probs[:, :-1][has_next] for layer in recorder.layers]
         piece["next_group"] = group[:, :-1][has_next]
+        piece["next_row"] = rows[:, None].expand_as(has_next)[has_next]
     if hidden:
         piece["hidden"] = [h[real] for h in output.hidden_states]
     if teacher is not None and (config.kl_weight > 0 or hidden):
@@ -235,7 +236,7 @@ def sft_loss(
             chosen = joined("next_group")[covered]
             layers = joined_layers("next_probs")
             zero_probs = torch.stack([probs[covered][chosen, num_experts:].sum(-1) for probs in layers])
-            allocation = zero_allocation_loss(zero_probs, per_token[chosen])
+            allocation = zero_allocation_loss(zero_probs, per_token[chosen], joined("next_row")[covered][chosen])
             loss = loss + config.allocation_weight * allocation
             metrics["allocation"] = allocation.item()
     if "teacher_hidden" in pieces[0]:
