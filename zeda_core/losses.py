@@ -127,11 +127,16 @@ def per_token_forward_kl(teacher_logprobs: torch.Tensor, student_logprobs: torch
     return F.kl_div(student_logprobs, teacher_logprobs, log_target=True, reduction="none").sum(-1)
 
 
-def forward_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor | None = None):
-    """Mean over tokens of KL(p_teacher || p_student); logits [B, S, V], mask [B, S]."""
+def logits_forward_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_teacher || p_student) at every position: logits [..., V] -> [...] float32 nats."""
     teacher = torch.log_softmax(teacher_logits.float(), dim=-1)
     student = torch.log_softmax(student_logits.float(), dim=-1)
-    return _masked_mean(per_token_forward_kl(teacher, student), mask)
+    return per_token_forward_kl(teacher, student)
+
+
+def forward_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor | None = None):
+    """Mean over tokens of KL(p_teacher || p_student); logits [B, S, V], mask [B, S]."""
+    return _masked_mean(logits_forward_kl(teacher_logits, student_logits), mask)
 
 
 def zero_allocation_loss(

@@ -29,7 +29,7 @@ from zeda_core.losses import (
     group_aux_loss,
     group_aux_target_ratio,
     hidden_state_loss,
-    per_token_forward_kl,
+    logits_forward_kl,
     zero_allocation_loss,
 )
 from zeda_core.moe import ZeroExpertMoeBlock
@@ -227,8 +227,7 @@ def sft_loss(
     metrics |= {f"r_ze_layer{i}": ratio for i, ratio in enumerate(per_layer)}
     if "teacher_logits" in pieces[0] and config.kl_weight > 0:
         covered = targets != -100 if config.kl_tokens == "completion" else torch.ones_like(targets, dtype=torch.bool)
-        teacher_logprobs = torch.log_softmax(joined("teacher_logits")[covered].float(), dim=-1)
-        per_token = per_token_forward_kl(teacher_logprobs, torch.log_softmax(logits[covered].float(), dim=-1))
+        per_token = logits_forward_kl(joined("teacher_logits")[covered], logits[covered])
         kl = per_token.mean()
         loss = loss + config.kl_weight * kl
         metrics["kl"] = kl.item()
