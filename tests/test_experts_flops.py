@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from zeda_core import (
@@ -58,6 +59,37 @@ def test_only_real_slots_are_computed() -> None:
     assert flops == int((~zero).sum()) * expert_slot_flops(H, D)
     torch.testing.assert_close(out, dense_reference(x, ids, weights, gate_up, down))
     assert torch.equal(out[2], torch.zeros(H))  # the all-zero token
+
+
+class MatmulCalls(TorchDispatchMode):
+    """Counts the matrix multiplies dispatched inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_one_gemm_pair_per_touched_expert_and_gradients_flow() -> None:
+    gate_up, down = (w.requires_grad_() for w in experts())
+    x = torch.randn(6, H, requires_grad=True)
+    ids = torch.tensor([[5, 8], [1, 5], [9, 1], [5, 10], [1, 1], [8, 9]])  # real experts 1 and 5 only
+    zero = ids >= N
+    weights = torch.rand(6, K).masked_fill(zero, 0.0)
+    with MatmulCalls() as counter:
+        out = grouped_experts_forward(x, ids, weights, zero, gate_up, down)
+    assert counter.calls == 4  # gate_up and down for each of the 2 touched experts
+    reference = dense_reference(x, ids, weights, gate_up, down)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-4)  # outputs of order 10: float32 rounding
+    grads = torch.autograd.grad(out.square().sum(), (x, gate_up, down))
+    expected = torch.autograd.grad(reference.square().sum(), (x, gate_up, down))
+    for grad, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-3)
+    assert not grads[1][[0, 2, 3, 4, 6, 7]].any()  # untouched experts get no gradient
 
 
 def test_all_zero_batch_costs_nothing() -> None:

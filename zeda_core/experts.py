@@ -2,7 +2,8 @@
 
 This is the torch reference of the fused MoE kernel and the CPU fast path: real slots are
 sorted by expert, each expert runs one GEMM pair over exactly its tokens, and zero slots are
-dropped before any GEMM. A batch whose slots are all zero performs no matrix multiply.
+dropped before any GEMM. The gather, the activation, the routing weights and the combine run
+once over all real slots. A batch whose slots are all zero performs no matrix multiply.
 """
 
 from __future__ import annotations
@@ -43,20 +44,22 @@ def grouped_experts_forward(
     token_idx, slot_idx = real_slots[:, 0], real_slots[:, 1]
     expert_ids = topk_ids[token_idx, slot_idx]
     order = torch.argsort(expert_ids, stable=True)
-    token_idx, slot_idx, expert_ids = token_idx[order], slot_idx[order], expert_ids[order]
+    token_idx, slot_idx = token_idx[order], slot_idx[order]
     counts = torch.bincount(expert_ids, minlength=gate_up_proj.shape[0]).tolist()
-    start = 0
-    for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        rows = slice(start, start + count)
-        start += count
-        tokens = token_idx[rows]
-        gate, up = F.linear(hidden_states[tokens], gate_up_proj[expert]).chunk(2, dim=-1)
-        expert_out = F.linear(act_fn(gate) * up, down_proj[expert])
-        expert_out = expert_out * topk_weights[tokens, slot_idx[rows], None]
-        out.index_add_(0, tokens, expert_out.to(out.dtype))
-    return out
+    gate, up = _per_expert_linear(hidden_states[token_idx], gate_up_proj, counts).chunk(2, dim=-1)
+    expert_out = _per_expert_linear(act_fn(gate) * up, down_proj, counts)
+    expert_out = expert_out * topk_weights[token_idx, slot_idx, None]
+    return out.index_add_(0, token_idx, expert_out.to(out.dtype))
+
+
+def _per_expert_linear(rows: torch.Tensor, weights: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """[R, in] rows grouped by expert (``counts[e]`` rows for expert e) -> [R, out].
+
+    Each group is multiplied by its expert's ``weights[e]`` ([E, out, in]); experts without
+    rows run nothing. Everything around the GEMMs runs once over all rows, not once per expert.
+    """
+    parts = [F.linear(group, weights[expert]) for expert, group in enumerate(rows.split(counts)) if group.shape[0]]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 ExpertsFn = Callable[
