@@ -226,7 +226,8 @@ def sft_loss(
     metrics = {"nll": nll.item(), "l_ga": l_ga.item(), "r_ze": float(counts[:, 1].sum() / counts.sum())}
     metrics |= {f"r_ze_layer{i}": ratio for i, ratio in enumerate(per_layer)}
     if "teacher_logits" in pieces[0] and config.kl_weight > 0:
-        covered = targets != -100 if config.kl_tokens == "completion" else torch.ones_like(targets, dtype=torch.bool)
+        # Every position with kl_tokens "all": a full slice, so the logits are not copied.
+        covered = targets != -100 if config.kl_tokens == "completion" else slice(None)
         per_token = logits_forward_kl(joined("teacher_logits")[covered], logits[covered])
         kl = per_token.mean()
         loss = loss + config.kl_weight * kl
