@@ -92,7 +92,12 @@ def test_roofline_bench_json_and_markdown(tmp_path: Path) -> None:
     assert result["read_bandwidth_gbs"] > 0 and result["attainable_gflops"] >= result["square_gemm_gflops"] > 0
     # Halving the arithmetic over the same weights gains between 1x and 2x under either model.
     assert 1.0 <= result["bound_no_overlap"] <= 2.0 and 1.0 <= result["bound_full_overlap"] <= 2.0
-    assert set(result["paths"]) == {"F.linear (torch reference)", "oneDNN, weights prepacked"}
+    assert set(result["paths"]) == {
+        "F.linear (torch reference)",
+        "oneDNN, weights prepacked",
+        "oneDNN, weights prepacked, bfloat16",
+    }
+    assert result["paths"]["oneDNN, weights prepacked, bfloat16"]["dtype"] == "bfloat16"
     run("roofline.py", *args, "--write", str(out))
     text = out.read_text()
     assert text.count("<!-- bench:roofline:cpu -->") == 1 and "| oneDNN, weights prepacked |" in text

@@ -8,8 +8,8 @@ does (1 - r) of the arithmetic. This measures, side by side in one process:
 - the float32 GEMM rate (a square matmul; the attainable rate is the best of it and the expert
   passes below, since oneDNN's prepacked kernels beat the square matmul on some CPUs);
 - one pass over all N experts with m rows each, as the torch reference runs it (two
-  ``F.linear`` per expert), and with the weights prepacked once for oneDNN, for m = the rows per
-  expert at r = 0 (T*K/N) and at r = 0.5.
+  ``F.linear`` per expert), with the weights prepacked once for oneDNN, and the same in bfloat16
+  (half the bytes to stream), for m = the rows per expert at r = 0 (T*K/N) and at r = 0.5.
 
 From the first two it derives the ratio r = 0 / r = 0.5 that an expert pass could reach: with no
 overlap of weight streaming and arithmetic (time = bytes / bandwidth + FLOPs / rate), and with
@@ -37,6 +37,11 @@ from zeda_core.atomic import write_marked_section
 from zeda_kernels.benchmarking import SHAPES, Shape, device_name, timer
 
 MARKER = "bench:roofline:cpu"
+PATHS = (
+    ("F.linear (torch reference)", False, torch.float32),
+    ("oneDNN, weights prepacked", True, torch.float32),
+    ("oneDNN, weights prepacked, bfloat16", True, torch.bfloat16),
+)
 
 
 def read_bandwidth_gbs(repeats: int) -> float:
@@ -57,12 +62,15 @@ def gemm_gflops(size: int, repeats: int) -> float:
     return 2 * size**3 / (ms / 1000) / 1e9
 
 
-def expert_passes(shape: Shape, rows_list: list[int], prepacked: bool) -> dict[int, Callable[[], None]]:
-    """Per row count, one SwiGLU pass of that many tokens through every expert (float32 weights
-    shared by all the passes; prepacked for oneDNN once, with the largest row count as the hint)."""
+def expert_passes(
+    shape: Shape, rows_list: list[int], prepacked: bool, dtype: torch.dtype = torch.float32
+) -> dict[int, Callable[[], None]]:
+    """Per row count, one SwiGLU pass of that many tokens through every expert (weights of
+    ``dtype`` shared by all the passes; prepacked for oneDNN once, with the largest row count as
+    the hint)."""
     g = torch.Generator().manual_seed(0)
-    gate_up = torch.randn(shape.experts, 2 * shape.inter, shape.hidden, generator=g) / shape.hidden**0.5
-    down = torch.randn(shape.experts, shape.hidden, shape.inter, generator=g) / shape.inter**0.5
+    gate_up = (torch.randn(shape.experts, 2 * shape.inter, shape.hidden, generator=g) / shape.hidden**0.5).to(dtype)
+    down = (torch.randn(shape.experts, shape.hidden, shape.inter, generator=g) / shape.inter**0.5).to(dtype)
     if prepacked:
         hint = max(rows_list)
         packed = [
@@ -89,7 +97,7 @@ def expert_passes(shape: Shape, rows_list: list[int], prepacked: bool) -> dict[i
 
         return run
 
-    return {rows: one_pass(torch.randn(rows, shape.hidden, generator=g)) for rows in rows_list}
+    return {rows: one_pass(torch.randn(rows, shape.hidden, generator=g).to(dtype)) for rows in rows_list}
 
 
 def interleaved_ms(passes: dict[int, Callable[[], None]], repeats: int) -> tuple[dict[int, float], float]:
@@ -118,15 +126,17 @@ def measure(shape_name: str, tokens: int, repeats: int) -> dict:
     square_rate = gemm_gflops(2048, repeats)
     stream_ms = weight_bytes / (bandwidth * 1e9) * 1000
     paths = {}
-    for path, prepacked in (("F.linear (torch reference)", False), ("oneDNN, weights prepacked", True)):
-        ms, ratio = interleaved_ms(expert_passes(shape, [1, rows_half, rows_dense], prepacked), repeats)
+    for path, prepacked, dtype in PATHS:
+        ms, ratio = interleaved_ms(expert_passes(shape, [1, rows_half, rows_dense], prepacked, dtype), repeats)
         paths[path] = {
+            "dtype": str(dtype).removeprefix("torch."),
             "ms": ms,
-            "weights_gbs_at_1_row": weight_bytes / (ms[1] / 1000) / 1e9,
+            "weights_gbs_at_1_row": weight_bytes * dtype.itemsize / 4 / (ms[1] / 1000) / 1e9,
             "gflops_at_r0": _flops(shape, rows_dense) / (ms[rows_dense] / 1000) / 1e9,
             "ratio_r0_over_r05": ratio,
         }
-    rate = max(square_rate, *(p["gflops_at_r0"] for p in paths.values()))
+    # The bounds model float32 streaming and arithmetic, so only the float32 passes set the rate.
+    rate = max(square_rate, *(p["gflops_at_r0"] for p in paths.values() if p["dtype"] == "float32"))
     compute_ms = {rows: _flops(shape, rows) / (rate * 1e9) * 1000 for rows in (rows_half, rows_dense)}
     no_overlap = (stream_ms + compute_ms[rows_dense]) / (stream_ms + compute_ms[rows_half])
     overlap = max(stream_ms, compute_ms[rows_dense]) / max(stream_ms, compute_ms[rows_half])
@@ -163,7 +173,7 @@ def markdown(result: dict, command: str) -> str:
         f"- Memory read bandwidth: **{result['read_bandwidth_gbs']:.1f} GB/s**, so streaming the expert weights "
         f"takes at least {result['weight_stream_ms']:.1f} ms.",
         f"- float32 GEMM rate: {result['square_gemm_gflops']:.0f} GFLOP/s for a square matmul, "
-        f"**{result['attainable_gflops']:.0f} GFLOP/s** attainable (the best measured below), so the arithmetic "
+        f"**{result['attainable_gflops']:.0f} GFLOP/s** attainable (the best float32 pass below), so the arithmetic "
         f"takes at least "
         f"{result['compute_ms']['r=0']:.1f} ms at r = 0 and {result['compute_ms']['r=0.5']:.1f} ms at r = 0.5.",
         f"- Ratio r = 0 / r = 0.5 these allow: **{result['bound_no_overlap']:.2f}x** if streaming and arithmetic do "
