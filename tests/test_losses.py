@@ -155,3 +155,53 @@ def test_zero_allocation_within_sequences_never_moves_zeros_between_them() -> No
     # Within a sequence, the harder token's zero probability is pushed down.
     within = zero_allocation_loss(zero_probs, torch.tensor([1.0, 3.0, 2.0, 2.0]), groups)
     assert within.item() == pytest.approx((0.3 * -0.5 + 0.6 * 0.5) / 4)
+
+
+def test_per_sequence_group_loss_is_the_mean_of_each_sequences_loss() -> None:
+    low, low_zero = batch_with_zero_share(0.2)
+    high, high_zero = batch_with_zero_share(0.8)
+    probs, zero_mask = torch.cat([low, high]), torch.cat([low_zero, high_zero])
+    sequences = torch.cat([torch.full((T,), 7), torch.full((T,), 3)])
+    per_sequence = group_aux_loss(probs, zero_mask, N, sequence_ids=sequences)
+    expected = (group_aux_loss(low, low_zero, N) + group_aux_loss(high, high_zero, N)) / 2
+    torch.testing.assert_close(per_sequence, expected)
+    # One id for every token is the batch-wide loss.
+    torch.testing.assert_close(
+        group_aux_loss(probs, zero_mask, N, sequence_ids=torch.zeros(2 * T, dtype=torch.long)),
+        group_aux_loss(probs, zero_mask, N),
+    )
+
+
+def test_per_sequence_group_loss_pulls_each_sequence_to_the_target() -> None:
+    # Batch-wide, a sequence far above the target and one far below cancel out (overall share
+    # 0.5 = the target); sequence-wise, the first is pushed down and the second up.
+    low, low_zero = batch_with_zero_share(0.2)
+    high, high_zero = batch_with_zero_share(0.8)
+    logits = torch.cat([low, high]).log().requires_grad_(True)
+    zero_mask = torch.cat([low_zero, high_zero])
+    sequences = torch.cat([torch.zeros(T, dtype=torch.long), torch.ones(T, dtype=torch.long)])
+    group_aux_loss(torch.softmax(logits, -1), zero_mask, N, sequence_ids=sequences).backward()
+    zero_grad = logits.grad[:, N:].sum(dim=-1)
+    assert (zero_grad[:T] < 0).all() and (zero_grad[T:] > 0).all()  # descent raises low, lowers high
+    with pytest.raises(ZedaError, match="does not match"):
+        group_aux_loss(logits, zero_mask, N, sequence_ids=sequences[:5])
+
+
+def test_per_sequence_loss_over_layers_takes_each_batch_row_as_a_sequence() -> None:
+    from family_checks import tiny_model, token_batch
+
+    model = tiny_model("qwen3_moe")
+    inject_zero_experts(model, 4, init="gaussian", seed=3)
+    tokens = token_batch()
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[0, 6:] = False
+    with record_routing(token_mask=mask, keep_probs=True) as recorder:
+        model(tokens)
+    loss = group_aux_loss_over_layers(recorder, num_experts=8, per_sequence=True)
+    per_layer = [
+        torch.stack(
+            [group_aux_loss(layer.probs[row][mask[row]], layer.zero_mask[row][mask[row]], 8) for row in range(2)]
+        ).mean()
+        for layer in recorder.layers
+    ]
+    torch.testing.assert_close(loss, torch.stack(per_layer).mean())

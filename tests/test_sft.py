@@ -11,7 +11,7 @@ from zeda_cli.main import main
 from zeda_core import ZedaError, load_model
 from zeda_trainer.loop import OptimConfig
 from zeda_trainer.rollouts import RolloutConfig, load_prompts, teacher_rollouts
-from zeda_trainer.sft import SftConfig, build_student, collate, length_chunks, sft_loss, train_sft
+from zeda_trainer.sft import GroupLossConfig, SftConfig, build_student, collate, length_chunks, sft_loss, train_sft
 
 
 def test_rollouts_are_cached_deduplicated_and_resumable(small_teacher: Path, small_data: Path, tmp_path: Path) -> None:
@@ -60,12 +60,31 @@ def test_padding_changes_neither_loss_nor_ratio(small_teacher: Path) -> None:
     padded = {k: torch.nn.functional.pad(v, (0, 7), value=-100 if k == "labels" else 0) for k, v in tight.items()}
     teacher = load_model(small_teacher)
     for kl_tokens in ("completion", "all"):
-        terms = SftConfig(kl_weight=1.0, kl_tokens=kl_tokens, hidden_weight=1.0)
+        group_loss = GroupLossConfig(per_sequence=kl_tokens == "all")
+        terms = SftConfig(kl_weight=1.0, kl_tokens=kl_tokens, hidden_weight=1.0, group_loss=group_loss)
         with torch.no_grad():
             loss_tight, metrics_tight = sft_loss(student, tight, num_experts, terms, teacher)
             loss_padded, metrics_padded = sft_loss(student, padded, num_experts, terms, teacher)
         torch.testing.assert_close(loss_padded, loss_tight, rtol=1e-6, atol=1e-6)
         assert metrics_padded == pytest.approx(metrics_tight, rel=1e-6, abs=1e-6)
+
+
+def test_per_sequence_group_loss_is_the_mean_over_rows(small_teacher: Path) -> None:
+    config = SftConfig(teacher=small_teacher, zero_experts=4, group_loss=GroupLossConfig(alpha=1.0, per_sequence=True))
+    student, num_experts = build_student(config)
+    records = [
+        {"prompt_ids": [1, 4, 30, 31, 2, 5], "completion_ids": [40, 41, 2]},
+        {"prompt_ids": [1, 4, 32, 2, 5, 9, 9, 9, 9], "completion_ids": [42, 2]},
+    ]
+    batch = collate(records, pad_id=0, device=torch.device("cpu"))
+    with torch.no_grad():
+        _, metrics = sft_loss(student, batch, num_experts, config)
+        rows = [sft_loss(student, collate([r], 0, torch.device("cpu")), num_experts, config)[1] for r in records]
+        _, batch_wide = sft_loss(
+            student, batch, num_experts, config.model_copy(update={"group_loss": GroupLossConfig(alpha=1.0)})
+        )
+    assert metrics["l_ga"] == pytest.approx((rows[0]["l_ga"] + rows[1]["l_ga"]) / 2, rel=1e-5)
+    assert metrics["l_ga"] != pytest.approx(batch_wide["l_ga"], rel=1e-4)
 
 
 def test_length_chunks_group_rows_of_similar_length() -> None:
@@ -77,11 +96,18 @@ def test_length_chunks_group_rows_of_similar_length() -> None:
         length_chunks(torch.zeros(3, dtype=torch.long))
 
 
-def test_length_chunked_loss_equals_one_forward(small_teacher: Path) -> None:
+@pytest.mark.parametrize("per_sequence", [False, True])
+def test_length_chunked_loss_equals_one_forward(small_teacher: Path, per_sequence: bool) -> None:
     """Rows of very different lengths run in several groups; loss, metrics and gradients are the
-    ones of the whole batch in a single forward."""
+    ones of the whole batch in a single forward (also with L_GA taken per sequence)."""
     config = SftConfig(
-        teacher=small_teacher, zero_experts=4, kl_weight=1.0, kl_tokens="all", hidden_weight=0.5, allocation_weight=1.0
+        teacher=small_teacher,
+        zero_experts=4,
+        kl_weight=1.0,
+        kl_tokens="all",
+        hidden_weight=0.5,
+        allocation_weight=1.0,
+        group_loss=GroupLossConfig(per_sequence=per_sequence),
     )
     student, num_experts = build_student(config)
     teacher = load_model(small_teacher)

@@ -33,11 +33,17 @@ def group_aux_loss(
     token_mask: torch.Tensor | None = None,
     zero_group_weight: float = 2.0,
     alpha: float = 0.1,
+    sequence_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """L_GA of one layer: two groups (real experts, zero experts), nothing balanced inside a group.
 
     ``L = alpha * (N + w*Z) / K * (f_E * P_E / N + f_Z * P_Z / (w*Z))`` where ``f`` is the share of
     routed slots and ``P`` the mean routing probability of each group over real tokens.
+
+    With ``sequence_ids`` the loss is taken within each sequence and averaged over sequences
+    (sequence-wise, like a sequence-wise balance loss): every sequence is pulled to the target
+    share, so no request gives up far more or far less expert compute than the others, while
+    the tokens inside a sequence still share its zero slots freely.
 
     Args:
         probs: [..., N + Z] routing probabilities (softmax, or sum-normalised sigmoid).
@@ -46,6 +52,7 @@ def group_aux_loss(
         token_mask: [...] bool, True for real tokens; ``None`` counts every position.
         zero_group_weight: w; the loss is minimal at a zero share of ``w*Z / (w*Z + N)``.
         alpha: loss coefficient.
+        sequence_ids: [...] int64 sequence of each position, or ``None`` for one batch-wide loss.
 
     Returns:
         Scalar loss; gradient flows through ``probs`` only. 0 when no real token is present.
@@ -58,29 +65,49 @@ def group_aux_loss(
     top_k = zero_mask.shape[-1]
     probs = probs.reshape(-1, probs.shape[-1])
     zero_mask = zero_mask.reshape(-1, top_k)
+    sequences = torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device)
+    if sequence_ids is not None:
+        if sequence_ids.numel() != probs.shape[0]:
+            raise ZedaError(f"sequence_ids {list(sequence_ids.shape)} does not match {probs.shape[0]} positions")
+        sequences = sequence_ids.reshape(-1).to(probs.device)
     if token_mask is not None:
         keep = token_mask.reshape(-1).bool()
-        probs, zero_mask = probs[keep], zero_mask[keep]
-    tokens = probs.shape[0]
-    if tokens == 0:
+        probs, zero_mask, sequences = probs[keep], zero_mask[keep], sequences[keep]
+    if probs.shape[0] == 0:
         return probs.sum() * 0.0
-    f_zero = zero_mask.float().sum() / (tokens * top_k)
-    f_real = 1.0 - f_zero
-    mean_probs = probs.sum(dim=0) / tokens
-    p_real, p_zero = mean_probs[:num_experts].sum(), mean_probs[num_experts:].sum()
+    _, sequences = torch.unique(sequences, return_inverse=True)
+    count = torch.bincount(sequences).to(probs.dtype)  # [S] tokens per sequence
+
+    def per_sequence_mean(values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(count).index_add_(0, sequences, values.to(probs.dtype)) / count
+
+    f_zero = per_sequence_mean(zero_mask.float().mean(dim=-1))
+    p_real = per_sequence_mean(probs[:, :num_experts].sum(dim=-1))
+    p_zero = per_sequence_mean(probs[:, num_experts:].sum(dim=-1))
     weighted_zero = zero_group_weight * num_zero
     scale = alpha * (num_experts + weighted_zero) / top_k
-    return scale * (f_real * p_real / num_experts + f_zero * p_zero / weighted_zero)
+    return (scale * ((1.0 - f_zero) * p_real / num_experts + f_zero * p_zero / weighted_zero)).mean()
 
 
 def group_aux_loss_over_layers(
-    recorder: RoutingRecorder, num_experts: int, zero_group_weight: float = 2.0, alpha: float = 0.1
+    recorder: RoutingRecorder,
+    num_experts: int,
+    zero_group_weight: float = 2.0,
+    alpha: float = 0.1,
+    per_sequence: bool = False,
 ) -> torch.Tensor:
-    """L_GA averaged over the MoE layers of a recorded forward (recorded with ``keep_probs=True``)."""
+    """L_GA averaged over the MoE layers of a recorded forward (recorded with ``keep_probs=True``).
+
+    ``per_sequence`` takes it within each batch row (see :func:`group_aux_loss`).
+    """
     if not recorder.layers or recorder.layers[0].probs is None:
         raise ZedaError("the forward was not recorded with keep_probs=True")
+    rows = None
+    if per_sequence:
+        batch, length = recorder.layers[0].probs.shape[:2]
+        rows = torch.arange(batch, device=recorder.layers[0].probs.device)[:, None].expand(batch, length)
     losses = [
-        group_aux_loss(layer.probs, layer.zero_mask, num_experts, recorder.token_mask, zero_group_weight, alpha)
+        group_aux_loss(layer.probs, layer.zero_mask, num_experts, recorder.token_mask, zero_group_weight, alpha, rows)
         for layer in recorder.layers
     ]
     return torch.stack(losses).mean()

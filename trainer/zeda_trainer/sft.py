@@ -46,6 +46,9 @@ class GroupLossConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     alpha: float = 0.1
     zero_group_weight: float = 2.0
+    per_sequence: bool = False
+    """Take L_GA within each sequence and average (every sequence is pulled to the target share),
+    instead of over all the batch's tokens together."""
 
 
 class TextMixConfig(BaseModel):
@@ -142,7 +145,8 @@ def _chunk_forward(
 
     - ``logits`` [P, V] and ``targets`` [P] at the P positions whose next token is real, and the
       teacher's ``teacher_logits`` [P, V] at the same positions;
-    - per MoE layer, ``probs`` [G, N + Z] and ``zero`` [G, K] over the G group-loss tokens;
+    - per MoE layer, ``probs`` [G, N + Z] and ``zero`` [G, K] over the G group-loss tokens, and
+      ``sequence`` [G], the batch row of each;
     - ``counts`` [L, 2], the (real, zero) slots per layer over the group-loss tokens;
     - with the allocation loss on, per layer ``next_probs`` [P, N + Z], ``next_group`` [P]
       (whether the position is a group-loss token) and ``next_row`` [P] (its batch row);
@@ -161,6 +165,7 @@ def _chunk_forward(
         "targets": batch["labels"][rows, 1:width][has_next],
         "probs": [layer.probs[group] for layer in recorder.layers],
         "zero": [layer.zero_mask[group] for layer in recorder.layers],
+        "sequence": rows[:, None].expand_as(group)[group],
         "counts": recorder.slot_counts().sum(dim=0),
     }
     if config.allocation_weight > 0:
@@ -214,9 +219,10 @@ def sft_loss(
     logits, targets = joined("logits"), joined("targets")
     nll = F.cross_entropy(logits.float(), targets, ignore_index=-100)
     group = config.group_loss
+    sequences = joined("sequence") if group.per_sequence else None
     l_ga = torch.stack(
         [
-            group_aux_loss(probs, zero, num_experts, None, group.zero_group_weight, group.alpha)
+            group_aux_loss(probs, zero, num_experts, None, group.zero_group_weight, group.alpha, sequences)
             for probs, zero in zip(joined_layers("probs"), joined_layers("zero"), strict=True)
         ]
     ).mean()
