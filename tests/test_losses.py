@@ -7,6 +7,7 @@ from zeda_core import (
     ZedaError,
     forward_kl,
     group_aux_loss,
+    group_aux_loss_of_layers,
     group_aux_loss_over_layers,
     group_aux_target_ratio,
     inject_zero_experts,
@@ -205,3 +206,44 @@ def test_per_sequence_loss_over_layers_takes_each_batch_row_as_a_sequence() -> N
         for layer in recorder.layers
     ]
     torch.testing.assert_close(loss, torch.stack(per_layer).mean())
+
+
+def test_pooled_layers_share_one_zero_budget() -> None:
+    # Layer 0 below the target (0.2), layer 1 above (0.8), 0.5 over both: per layer, each is
+    # pulled to 0.5; pooled, the layers are at the target together and nothing moves.
+    low, low_zero = batch_with_zero_share(0.2)
+    high, high_zero = batch_with_zero_share(0.8)
+    grads = {}
+    for pool in (False, True):
+        logits = [low.log().requires_grad_(True), high.log().requires_grad_(True)]
+        loss = group_aux_loss_of_layers(
+            [torch.softmax(x, -1) for x in logits], [low_zero, high_zero], N, zero_group_weight=2.0, pool_layers=pool
+        )
+        loss.backward()
+        grads[pool] = [x.grad[:, N:].sum(-1) for x in logits]
+        if pool:
+            torch.testing.assert_close(
+                loss, group_aux_loss(torch.cat([low, high]), torch.cat([low_zero, high_zero]), N, zero_group_weight=2.0)
+            )
+    assert (grads[False][0] < 0).all() and (grads[False][1] > 0).all()
+    for layer_grad in grads[True]:
+        torch.testing.assert_close(layer_grad, torch.zeros_like(layer_grad), atol=1e-7, rtol=0)
+
+
+def test_pooled_layers_with_padding_and_sequences() -> None:
+    from family_checks import tiny_model, token_batch
+
+    model = tiny_model("qwen3_moe")
+    inject_zero_experts(model, 4, init="gaussian", seed=3)
+    tokens = token_batch()
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[0, 6:] = False
+    with record_routing(token_mask=mask, keep_probs=True) as recorder:
+        model(tokens)
+    pooled = group_aux_loss_over_layers(recorder, num_experts=8, per_sequence=True, pool_layers=True)
+    rows = []
+    for row in range(2):
+        probs = torch.cat([layer.probs[row][mask[row]] for layer in recorder.layers])
+        zero = torch.cat([layer.zero_mask[row][mask[row]] for layer in recorder.layers])
+        rows.append(group_aux_loss(probs, zero, 8))
+    torch.testing.assert_close(pooled, torch.stack(rows).mean())

@@ -85,6 +85,10 @@ def test_per_sequence_group_loss_is_the_mean_over_rows(small_teacher: Path) -> N
         )
     assert metrics["l_ga"] == pytest.approx((rows[0]["l_ga"] + rows[1]["l_ga"]) / 2, rel=1e-5)
     assert metrics["l_ga"] != pytest.approx(batch_wide["l_ga"], rel=1e-4)
+    pooled_config = config.model_copy(update={"group_loss": GroupLossConfig(alpha=1.0, pool_layers=True)})
+    with torch.no_grad():
+        _, pooled = sft_loss(student, batch, num_experts, pooled_config)
+    assert pooled["l_ga"] != pytest.approx(batch_wide["l_ga"], rel=1e-4)
 
 
 def test_length_chunks_group_rows_of_similar_length() -> None:
@@ -96,10 +100,10 @@ def test_length_chunks_group_rows_of_similar_length() -> None:
         length_chunks(torch.zeros(3, dtype=torch.long))
 
 
-@pytest.mark.parametrize("per_sequence", [False, True])
-def test_length_chunked_loss_equals_one_forward(small_teacher: Path, per_sequence: bool) -> None:
+@pytest.mark.parametrize(("per_sequence", "pool_layers"), [(False, False), (True, False), (True, True)])
+def test_length_chunked_loss_equals_one_forward(small_teacher: Path, per_sequence: bool, pool_layers: bool) -> None:
     """Rows of very different lengths run in several groups; loss, metrics and gradients are the
-    ones of the whole batch in a single forward (also with L_GA taken per sequence)."""
+    ones of the whole batch in a single forward (also with L_GA per sequence, or over pooled layers)."""
     config = SftConfig(
         teacher=small_teacher,
         zero_experts=4,
@@ -107,7 +111,7 @@ def test_length_chunked_loss_equals_one_forward(small_teacher: Path, per_sequenc
         kl_tokens="all",
         hidden_weight=0.5,
         allocation_weight=1.0,
-        group_loss=GroupLossConfig(per_sequence=per_sequence),
+        group_loss=GroupLossConfig(per_sequence=per_sequence, pool_layers=pool_layers),
     )
     student, num_experts = build_student(config)
     teacher = load_model(small_teacher)

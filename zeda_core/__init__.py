@@ -13,6 +13,7 @@ from zeda_core.flops import FlopModel, FlopReport, expert_slot_flops, flop_repor
 from zeda_core.losses import (
     forward_kl,
     group_aux_loss,
+    group_aux_loss_of_layers,
     group_aux_loss_over_layers,
     group_aux_target_ratio,
     opd_advantage,
@@ -47,6 +48,7 @@ __all__ = [
     "flop_report",
     "forward_kl",
     "group_aux_loss",
+    "group_aux_loss_of_layers",
     "group_aux_loss_over_layers",
     "group_aux_target_ratio",
     "grouped_experts_forward",

@@ -6,6 +6,8 @@ a ratio.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -89,14 +91,52 @@ def group_aux_loss(
     return (scale * ((1.0 - f_zero) * p_real / num_experts + f_zero * p_zero / weighted_zero)).mean()
 
 
+def group_aux_loss_of_layers(
+    probs: Sequence[torch.Tensor],
+    zero_masks: Sequence[torch.Tensor],
+    num_experts: int,
+    token_mask: torch.Tensor | None = None,
+    zero_group_weight: float = 2.0,
+    alpha: float = 0.1,
+    sequence_ids: torch.Tensor | None = None,
+    pool_layers: bool = False,
+) -> torch.Tensor:
+    """L_GA over several MoE layers (each argument as in :func:`group_aux_loss`, one per layer).
+
+    The mean of each layer's loss, so every layer is pulled to the target share; or, with
+    ``pool_layers``, one loss over the slots of all layers together: the layers share one zero
+    budget, and the distillation losses decide which layers can give up more compute.
+    """
+    if pool_layers:
+
+        def tiled(positions: torch.Tensor | None) -> torch.Tensor | None:
+            return None if positions is None else positions.reshape(-1).repeat(len(probs))
+
+        return group_aux_loss(
+            torch.cat([layer.reshape(-1, layer.shape[-1]) for layer in probs]),
+            torch.cat([layer.reshape(-1, layer.shape[-1]) for layer in zero_masks]),
+            num_experts,
+            tiled(token_mask),
+            zero_group_weight,
+            alpha,
+            tiled(sequence_ids),
+        )
+    losses = [
+        group_aux_loss(layer_probs, layer_zero, num_experts, token_mask, zero_group_weight, alpha, sequence_ids)
+        for layer_probs, layer_zero in zip(probs, zero_masks, strict=True)
+    ]
+    return torch.stack(losses).mean()
+
+
 def group_aux_loss_over_layers(
     recorder: RoutingRecorder,
     num_experts: int,
     zero_group_weight: float = 2.0,
     alpha: float = 0.1,
     per_sequence: bool = False,
+    pool_layers: bool = False,
 ) -> torch.Tensor:
-    """L_GA averaged over the MoE layers of a recorded forward (recorded with ``keep_probs=True``).
+    """L_GA of a recorded forward (recorded with ``keep_probs=True``), see :func:`group_aux_loss_of_layers`.
 
     ``per_sequence`` takes it within each batch row (see :func:`group_aux_loss`).
     """
@@ -106,11 +146,16 @@ def group_aux_loss_over_layers(
     if per_sequence:
         batch, length = recorder.layers[0].probs.shape[:2]
         rows = torch.arange(batch, device=recorder.layers[0].probs.device)[:, None].expand(batch, length)
-    losses = [
-        group_aux_loss(layer.probs, layer.zero_mask, num_experts, recorder.token_mask, zero_group_weight, alpha, rows)
-        for layer in recorder.layers
-    ]
-    return torch.stack(losses).mean()
+    return group_aux_loss_of_layers(
+        [layer.probs for layer in recorder.layers],
+        [layer.zero_mask for layer in recorder.layers],
+        num_experts,
+        recorder.token_mask,
+        zero_group_weight,
+        alpha,
+        rows,
+        pool_layers,
+    )
 
 
 def load_balance_loss(recorder: RoutingRecorder) -> torch.Tensor:

@@ -194,7 +194,9 @@ def opd_loss(
         new_logprobs, batch.old_logprobs, advantages, batch.loss_mask, config.clip_eps
     )
     group = config.group_loss
-    l_ga = group_aux_loss_over_layers(recorder, num_experts, group.zero_group_weight, group.alpha, group.per_sequence)
+    l_ga = group_aux_loss_over_layers(
+        recorder, num_experts, group.zero_group_weight, group.alpha, group.per_sequence, group.pool_layers
+    )
     counts = recorder.slot_counts().sum(dim=0).double()  # [L, 2]
     tokens = mask.float().sum().clamp(min=1.0)
     metrics = {

@@ -26,7 +26,7 @@ from zeda_core.checkpoint import load_model, resolve_checkpoint
 from zeda_core.convert import inject_zero_experts, nudge_zero_bias
 from zeda_core.errors import ZedaError
 from zeda_core.losses import (
-    group_aux_loss,
+    group_aux_loss_of_layers,
     group_aux_target_ratio,
     hidden_state_loss,
     logits_forward_kl,
@@ -49,6 +49,9 @@ class GroupLossConfig(BaseModel):
     per_sequence: bool = False
     """Take L_GA within each sequence and average (every sequence is pulled to the target share),
     instead of over all the batch's tokens together."""
+    pool_layers: bool = False
+    """Take L_GA over the slots of all MoE layers together (the layers share one zero budget),
+    instead of per layer and averaged (every layer pulled to the target share)."""
 
 
 class TextMixConfig(BaseModel):
@@ -219,13 +222,16 @@ def sft_loss(
     logits, targets = joined("logits"), joined("targets")
     nll = F.cross_entropy(logits.float(), targets, ignore_index=-100)
     group = config.group_loss
-    sequences = joined("sequence") if group.per_sequence else None
-    l_ga = torch.stack(
-        [
-            group_aux_loss(probs, zero, num_experts, None, group.zero_group_weight, group.alpha, sequences)
-            for probs, zero in zip(joined_layers("probs"), joined_layers("zero"), strict=True)
-        ]
-    ).mean()
+    l_ga = group_aux_loss_of_layers(
+        joined_layers("probs"),
+        joined_layers("zero"),
+        num_experts,
+        None,
+        group.zero_group_weight,
+        group.alpha,
+        joined("sequence") if group.per_sequence else None,
+        group.pool_layers,
+    )
     loss = nll + l_ga
     counts = torch.stack([piece["counts"] for piece in pieces]).sum(dim=0).double()  # [L, 2]
     per_layer = (counts[:, 1] / counts.sum(dim=1)).tolist()
