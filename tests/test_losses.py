@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from zeda_core import (
+    RoutingRecorder,
     ZedaError,
     forward_kl,
     group_aux_loss,
@@ -29,6 +30,21 @@ def batch_with_zero_share(share: float) -> tuple[torch.Tensor, torch.Tensor]:
     exact = zero_slots / (T * K)
     probs = torch.cat([torch.full((T, N), (1 - exact) / N), torch.full((T, Z), exact / Z)], dim=-1)
     return probs, zero_mask.view(T, K)
+
+
+def recorded_forward() -> tuple[torch.nn.Module, RoutingRecorder, torch.Tensor]:
+    """A tiny Qwen3-MoE with 4 zero experts, its recorded forward of a 2-row batch, and the
+    batch's token mask (row 0 padded after 6 tokens)."""
+    from family_checks import tiny_model, token_batch
+
+    model = tiny_model("qwen3_moe")
+    inject_zero_experts(model, 4, init="gaussian", seed=3)
+    tokens = token_batch()
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[0, 6:] = False
+    with record_routing(token_mask=mask, keep_probs=True) as recorder:
+        model(tokens)
+    return model, recorder, mask
 
 
 @pytest.mark.parametrize("weight", [1.0, 2.0, 3.0])
@@ -79,15 +95,7 @@ def test_padding_changes_neither_loss_nor_ratio() -> None:
 
 
 def test_loss_over_layers_from_a_recorded_forward() -> None:
-    from family_checks import tiny_model, token_batch
-
-    model = tiny_model("qwen3_moe")
-    inject_zero_experts(model, 4, init="gaussian", seed=3)
-    tokens = token_batch()
-    mask = torch.ones_like(tokens, dtype=torch.bool)
-    mask[0, 6:] = False
-    with record_routing(token_mask=mask, keep_probs=True) as recorder:
-        model(tokens)
+    model, recorder, mask = recorded_forward()
     loss = group_aux_loss_over_layers(recorder, num_experts=8)
     per_layer = [group_aux_loss(layer.probs[mask], layer.zero_mask[mask], 8) for layer in recorder.layers]
     torch.testing.assert_close(loss, torch.stack(per_layer).mean())
@@ -189,15 +197,7 @@ def test_per_sequence_group_loss_pulls_each_sequence_to_the_target() -> None:
 
 
 def test_per_sequence_loss_over_layers_takes_each_batch_row_as_a_sequence() -> None:
-    from family_checks import tiny_model, token_batch
-
-    model = tiny_model("qwen3_moe")
-    inject_zero_experts(model, 4, init="gaussian", seed=3)
-    tokens = token_batch()
-    mask = torch.ones_like(tokens, dtype=torch.bool)
-    mask[0, 6:] = False
-    with record_routing(token_mask=mask, keep_probs=True) as recorder:
-        model(tokens)
+    _model, recorder, mask = recorded_forward()
     loss = group_aux_loss_over_layers(recorder, num_experts=8, per_sequence=True)
     per_layer = [
         torch.stack(
@@ -231,15 +231,7 @@ def test_pooled_layers_share_one_zero_budget() -> None:
 
 
 def test_pooled_layers_with_padding_and_sequences() -> None:
-    from family_checks import tiny_model, token_batch
-
-    model = tiny_model("qwen3_moe")
-    inject_zero_experts(model, 4, init="gaussian", seed=3)
-    tokens = token_batch()
-    mask = torch.ones_like(tokens, dtype=torch.bool)
-    mask[0, 6:] = False
-    with record_routing(token_mask=mask, keep_probs=True) as recorder:
-        model(tokens)
+    _model, recorder, mask = recorded_forward()
     pooled = group_aux_loss_over_layers(recorder, num_experts=8, per_sequence=True, pool_layers=True)
     rows = []
     for row in range(2):
