@@ -201,3 +201,23 @@ def test_preserve_round_trip(tmp_path: Path, model_type: str) -> None:
     has_offset = any(k.endswith("gate.zero_logit_bias") for k in state)
     assert has_offset == (model_type == "qwen3_moe")  # softmax families only
     assert json.loads((path / "config.json").read_text())["zeda_zero_logit_bias"] == has_offset
+
+
+def test_written_checkpoint_and_files_are_readable_by_others(tmp_path: Path) -> None:
+    """Temporary files and directories are private; what appears at the target is not (umask 022:
+    0755 directories, 0644 files), so a server under another account can load the model."""
+    import os
+
+    from zeda_core.atomic import atomic_write_text
+
+    old_mask = os.umask(0o022)
+    try:
+        _, path = zeda_qwen3(tmp_path)
+        atomic_write_text(tmp_path / "report.md", "saved\n")
+    finally:
+        os.umask(old_mask)
+    assert path.stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in path.iterdir()} == dict.fromkeys(
+        (p.name for p in path.iterdir()), 0o644
+    )
+    assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o644

@@ -12,12 +12,39 @@ from pathlib import Path
 from zeda_core.errors import ZedaError
 
 
+def _umask() -> int:
+    """The process's file-creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _open_up(tree: Path) -> None:
+    """Give ``tree`` (a file, or a directory and everything in it) the permissions a plain
+    ``open``/``mkdir`` would have: temporary files and directories are created private (0600 /
+    0700), and a model or report written through them must stay readable by other users, such
+    as a server running under another account. Permission bits are only added, never removed."""
+    mask = _umask()
+    paths = [tree, *tree.rglob("*")] if tree.is_dir() else [tree]
+    for item in paths:
+        if item.is_symlink():
+            continue
+        wanted = (0o777 if item.is_dir() else 0o666) & ~mask
+        mode = item.stat().st_mode & 0o7777
+        if mode | wanted != mode:
+            item.chmod(mode | wanted)
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename."""
+    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename.
+
+    The file gets the permissions a plain ``open`` would give it (``0666`` less the umask).
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     try:
+        _open_up(Path(tmp))
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
             handle.flush()
@@ -34,6 +61,8 @@ def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False) -> I
 
     An existing ``path`` is refused unless ``overwrite``; it is removed only after the new
     directory is in place. On any error the temporary directory is deleted and ``path`` is kept.
+    The directory and its files get the permissions of a plain ``mkdir``/``open`` (less the
+    umask), also where a library wrote a file through a private temporary file.
     """
     out = Path(path).expanduser().resolve()
     if out.exists() and not overwrite:
@@ -42,6 +71,7 @@ def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False) -> I
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        _open_up(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
