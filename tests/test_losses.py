@@ -239,3 +239,11 @@ def test_pooled_layers_with_padding_and_sequences() -> None:
         zero = torch.cat([layer.zero_mask[row][mask[row]] for layer in recorder.layers])
         rows.append(group_aux_loss(probs, zero, 8))
     torch.testing.assert_close(pooled, torch.stack(rows).mean())
+
+
+def test_bf16_probabilities_are_summed_in_float32() -> None:
+    probs, zero_mask = batch_with_zero_share(0.3)
+    probs = probs.repeat(200, 1)  # 12,000 tokens: a bf16 running sum would stall far below
+    zero_mask = zero_mask.repeat(200, 1)
+    exact = group_aux_loss(probs.double(), zero_mask, N)
+    torch.testing.assert_close(group_aux_loss(probs.bfloat16(), zero_mask, N).double(), exact, rtol=1e-2, atol=0)

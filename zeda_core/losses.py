@@ -78,10 +78,12 @@ def group_aux_loss(
     if probs.shape[0] == 0:
         return probs.sum() * 0.0
     _, sequences = torch.unique(sequences, return_inverse=True)
-    count = torch.bincount(sequences).to(probs.dtype)  # [S] tokens per sequence
+    # Sums in float32 at least: bf16 routing probabilities would lose the small terms.
+    dtype = torch.promote_types(probs.dtype, torch.float32)
+    count = torch.bincount(sequences).to(dtype)  # [S] tokens per sequence
 
     def per_sequence_mean(values: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(count).index_add_(0, sequences, values.to(probs.dtype)) / count
+        return torch.zeros_like(count).index_add_(0, sequences, values.to(dtype)) / count
 
     f_zero = per_sequence_mean(zero_mask.float().mean(dim=-1))
     p_real = per_sequence_mean(probs[:, :num_experts].sum(dim=-1))
