@@ -15,6 +15,20 @@ from zeda_core.errors import ZedaError
 from zeda_core.recording import RoutingRecorder
 
 
+def _group_means(values: torch.Tensor, groups: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column means of ``values`` [T, C] within each group: ([S, C] means, [T] group index of
+    each row). ``groups`` [T] holds any ids, or is ``None`` for one group (no ``unique``, so no
+    device sync on the common path). Summed in float32 at least: bf16 routing probabilities
+    would lose the small terms of a long running sum."""
+    values = values.to(torch.promote_types(values.dtype, torch.float32))
+    if groups is None:
+        return values.mean(dim=0, keepdim=True), torch.zeros(values.shape[0], dtype=torch.long, device=values.device)
+    _, inverse = torch.unique(groups, return_inverse=True)
+    count = torch.bincount(inverse).to(values.dtype)
+    totals = torch.zeros(count.numel(), values.shape[1], dtype=values.dtype, device=values.device)
+    return totals.index_add_(0, inverse, values) / count[:, None], inverse
+
+
 def group_aux_target_ratio(num_experts: int, num_zero_experts: int, zero_group_weight: float = 2.0) -> float:
     """Zero-slot share that minimises L_GA: ``w*Z / (w*Z + N)`` (0.5 for w = 2, Z = N/2)."""
     weighted = zero_group_weight * num_zero_experts
@@ -67,27 +81,22 @@ def group_aux_loss(
     top_k = zero_mask.shape[-1]
     probs = probs.reshape(-1, probs.shape[-1])
     zero_mask = zero_mask.reshape(-1, top_k)
-    sequences = torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device)
+    sequences = None
     if sequence_ids is not None:
         if sequence_ids.numel() != probs.shape[0]:
             raise ZedaError(f"sequence_ids {list(sequence_ids.shape)} does not match {probs.shape[0]} positions")
         sequences = sequence_ids.reshape(-1).to(probs.device)
     if token_mask is not None:
         keep = token_mask.reshape(-1).bool()
-        probs, zero_mask, sequences = probs[keep], zero_mask[keep], sequences[keep]
+        probs, zero_mask = probs[keep], zero_mask[keep]
+        sequences = None if sequences is None else sequences[keep]
     if probs.shape[0] == 0:
         return probs.sum() * 0.0
-    _, sequences = torch.unique(sequences, return_inverse=True)
-    # Sums in float32 at least: bf16 routing probabilities would lose the small terms.
-    dtype = torch.promote_types(probs.dtype, torch.float32)
-    count = torch.bincount(sequences).to(dtype)  # [S] tokens per sequence
-
-    def per_sequence_mean(values: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(count).index_add_(0, sequences, values.to(dtype)) / count
-
-    f_zero = per_sequence_mean(zero_mask.float().mean(dim=-1))
-    p_real = per_sequence_mean(probs[:, :num_experts].sum(dim=-1))
-    p_zero = per_sequence_mean(probs[:, num_experts:].sum(dim=-1))
+    per_token = torch.stack(
+        [zero_mask.float().mean(dim=-1), probs[:, :num_experts].sum(dim=-1), probs[:, num_experts:].sum(dim=-1)],
+        dim=-1,
+    )  # [T, 3]: zero-slot share, real and zero probability
+    f_zero, p_real, p_zero = _group_means(per_token, sequences)[0].unbind(dim=-1)  # each [S]
     weighted_zero = zero_group_weight * num_zero
     scale = alpha * (num_experts + weighted_zero) / top_k
     return (scale * ((1.0 - f_zero) * p_real / num_experts + f_zero * p_zero / weighted_zero)).mean()
@@ -238,12 +247,8 @@ def zero_allocation_loss(
     if difficulty.numel() == 0:
         return zero_probs.sum() * 0.0
     difficulty = difficulty.detach().float()
-    if groups is None:
-        mean = difficulty.mean()
-    else:
-        ids, groups = torch.unique(groups, return_inverse=True)
-        totals = torch.zeros(ids.numel(), device=difficulty.device).index_add_(0, groups, difficulty)
-        mean = (totals / torch.bincount(groups, minlength=ids.numel()))[groups]
+    means, inverse = _group_means(difficulty[:, None], groups)
+    mean = means[inverse, 0]
     weight = difficulty / mean.clamp(min=1e-12) - 1.0
     return (zero_probs.float() * weight).mean()
 
