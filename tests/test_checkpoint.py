@@ -221,3 +221,16 @@ def test_written_checkpoint_and_files_are_readable_by_others(tmp_path: Path) -> 
         (p.name for p in path.iterdir()), 0o644
     )
     assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o644
+
+
+def test_umask_is_read_without_changing_it() -> None:
+    import os
+
+    from zeda_core.atomic import _umask
+
+    old_mask = os.umask(0o027)
+    try:
+        assert _umask() == 0o027
+        assert os.umask(0o027) == 0o027  # still in force
+    finally:
+        os.umask(old_mask)

@@ -13,7 +13,17 @@ from zeda_core.errors import ZedaError
 
 
 def _umask() -> int:
-    """The process's file-creation mask (read by setting it and putting it back)."""
+    """The process's file-creation mask.
+
+    Read from ``/proc/self/status`` where Linux has it; setting the mask to read it back would
+    change it, for an instant, for every thread (the server writes models from a worker thread).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
