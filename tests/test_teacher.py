@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from processes import assert_resumed_exactly, logged_up_to
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -47,6 +48,7 @@ def test_resume_continues_exactly(small_data: Path, small_teacher: Path, tmp_pat
     run = tmp_path / "run"
     shutil.copytree(small_teacher.parent / "run", run)
     shutil.rmtree(run / "checkpoints" / "step-00000060")
+    logged_before_kill = logged_up_to(run, 30)
     config = small_teacher_config(small_data, run, tmp_path / "resumed")
     pretrain(config, resume=True)
     resumed, uninterrupted = (
@@ -58,6 +60,8 @@ def test_resume_continues_exactly(small_data: Path, small_teacher: Path, tmp_pat
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6)
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 60
+    # Steps 1-30 come from the checkpoint: a run from step 0 would rewrite their records (wall-clock throughput).
+    assert_resumed_exactly(logged_before_kill, run, list(range(10, 61, 10)))
 
 
 def test_batched_generation_equals_one_by_one(small_teacher: Path) -> None:
