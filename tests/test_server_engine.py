@@ -1,6 +1,8 @@
 """Torch engine: continuous batching, batch invariance, exact per-request routing attribution."""
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -8,7 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from zeda_core import load_model
-from zeda_server.engine import QueueFull, SamplingParams, TorchEngine
+from zeda_server.engine import QueueFull, SamplingParams, TorchEngine, _sample_row
 from zeda_server.text_stream import TextStream
 from zeda_trainer.generation import generate
 
@@ -34,17 +36,41 @@ async def _run(engine: TorchEngine, prompt: list[int], params: SamplingParams):
     return tokens, logprobs, text, final
 
 
+@contextlib.contextmanager
+def _forward_rows(model: torch.nn.Module) -> Iterator[list[int]]:
+    """The batch rows of every forward ``model`` runs inside the block."""
+    rows: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        yield rows
+    finally:
+        hook.remove()
+
+
 def test_greedy_tokens_are_the_same_alone_and_in_a_batch_of_16(engine: TorchEngine) -> None:
     prompts = _prompts(engine, 16)
+    assert len({len(p) for p in prompts}) > 1  # the batch is padded
     params = SamplingParams(max_tokens=12, temperature=0.0)
 
     async def alone():
         return [await _run(engine, p, params) for p in prompts]
 
     async def together():
-        return await asyncio.gather(*(_run(engine, p, params) for p in prompts))
+        # The engine thread admits requests under this lock: holding it until all 16 are queued
+        # makes them one prefill, then one decode batch.
+        with engine._wake:
+            tasks = [asyncio.create_task(_run(engine, p, params)) for p in prompts]
+            while engine.queue_depth < len(prompts):
+                await asyncio.sleep(0)
+        return await asyncio.gather(*tasks)
 
-    single, batched = asyncio.run(alone()), asyncio.run(together())
+    with _forward_rows(engine.model) as rows_alone:
+        single = asyncio.run(alone())
+    with _forward_rows(engine.model) as rows_together:
+        batched = asyncio.run(together())
+    assert set(rows_alone) == {1} and rows_together[0] == 16  # they really shared a batch
     for (tokens_a, logprobs_a, text_a, _), (tokens_b, logprobs_b, text_b, _) in zip(single, batched, strict=True):
         assert tokens_a == tokens_b and text_a == text_b
         torch.testing.assert_close(torch.tensor(logprobs_b), torch.tensor(logprobs_a), rtol=0, atol=1e-4)
@@ -84,6 +110,32 @@ def test_seeded_sampling_is_reproducible_and_respects_max_tokens(engine: TorchEn
     assert first[0] == second[0] and len(first[0]) <= 10
     assert first[3].finish_reason in {"stop", "length"}
 
+    def tokens(**sampling) -> list[int]:
+        return asyncio.run(_run(engine, prompt, SamplingParams(max_tokens=10, **sampling)))[0]
+
+    greedy = tokens(temperature=0.0)
+    model, tokenizer = engine.model, engine.tokenizer
+    assert greedy == generate(model, [prompt], 10, tokenizer.eos_token_id, tokenizer.pad_token_id)[0].tokens
+    sampled = [tokens(temperature=1.0, seed=seed) for seed in range(4)]
+    assert len({tuple(t) for t in sampled}) > 1  # the seed matters
+    assert all(t != greedy for t in sampled)  # temperature 1 samples, it does not take the argmax
+    assert all(tokens(temperature=1.0, top_p=1e-6, seed=seed) == greedy for seed in range(2))  # a nucleus of 1
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(0.5, 1.0), (2.0, 1.0), (1.0, 0.8)])
+def test_sampler_draws_from_the_tempered_nucleus(temperature: float, top_p: float) -> None:
+    """Token frequencies over 4000 draws from one logit row match softmax(logits / T) cut to the top-p nucleus."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    params = SamplingParams(max_tokens=1, temperature=temperature, top_p=top_p)
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.tensor([_sample_row(logits, params, generator) for _ in range(4000)])
+    frequencies = torch.bincount(draws, minlength=len(logits)) / len(draws)
+    expected = torch.softmax(logits / temperature, dim=-1)  # logits are sorted: the nucleus is a prefix
+    expected = torch.where(expected.cumsum(-1) - expected <= top_p, expected, 0.0)
+    expected /= expected.sum()
+    assert (frequencies[expected == 0] == 0).all()
+    torch.testing.assert_close(frequencies, expected, rtol=0, atol=0.03)
+
 
 def test_queue_bound_and_cancellation(small_student: Path) -> None:
     engine = TorchEngine(str(small_student), max_batch=1, max_queue=1)
@@ -113,10 +165,12 @@ def test_score_matches_a_full_forward(engine: TorchEngine, small_student: Path) 
     sequences = [[1, 5, 9, 13, 2], [1, 7, 3]]
     scores, report, _ = asyncio.run(engine.score(sequences))
     model = load_model(small_student)
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([sequences[0]])).logits
-    expected = torch.log_softmax(logits[0, :-1].float(), -1)[torch.arange(4), torch.tensor(sequences[0][1:])]
-    torch.testing.assert_close(torch.tensor(scores[0]), expected, rtol=1e-5, atol=1e-5)
+    for sequence, got in zip(sequences, scores, strict=True):  # the second one is padded in the batch
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([sequence])).logits
+        targets = torch.tensor(sequence[1:])
+        expected = torch.log_softmax(logits[0, :-1].float(), -1)[torch.arange(len(targets)), targets]
+        torch.testing.assert_close(torch.tensor(got), expected, rtol=1e-5, atol=1e-5)
     assert len(scores[1]) == 2 and report.tokens == 8
 
 
