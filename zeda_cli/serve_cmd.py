@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from zeda_core.errors import ZedaError
 FLAGS = {
     "--model": (str, "checkpoint directory or hub id (ZEDA, reference-format, or a plain MoE as the baseline)"),
     "--served-model-name": (str, "the model id clients send (default: the checkpoint's directory name)"),
-    "--backend": (str, "torch (CPU or one GPU) or sglang (GPU hosts)"),
+    "--backend": (str, "torch (CPU or one GPU) or sglang (SGLang's engine: GPU hosts, TP/EP, or its CPU engine)"),
     "--device": (str, "torch device of the torch engine, e.g. cpu or cuda"),
     "--dtype": (str, "auto, float32, bfloat16 or float16"),
     "--host": (str, "interface to listen on"),
@@ -21,6 +22,8 @@ FLAGS = {
     "--max-batch": (int, "requests decoded together"),
     "--max-queue": (int, "requests held before answering 429"),
     "--max-tokens-cap": (int, "largest max_tokens a request may ask for"),
+    "--max-total-tokens": (int, "sglang: KV-cache pool in tokens (CPU default: max-batch full contexts, at most 65536)"),
+    "--tp-size": (int, "sglang: tensor-parallel ranks"),
     "--capture-db": (str, "capture prompts into this SQLite file (off when unset)"),
     "--capture-completions": (str, "also capture completions (true/false)"),
     "--capture-max-rows": (int, "rows the capture store keeps (oldest dropped first)"),
@@ -35,6 +38,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         parser.add_argument(
             flag, type=kind, default=None, help=f"{help_text} (env ZEDA_{flag[2:].upper().replace('-', '_')})"
         )
+    parser.add_argument(
+        "--sglang-arg",
+        dest="sglang_args",
+        action="append",
+        metavar="KEY=VALUE",
+        default=None,
+        help="sglang: a further SGLang ServerArgs field, e.g. ep_size=2 or disable_radix_cache=true (repeatable)",
+    )
     parser.add_argument("--config", type=Path, default=None, help="YAML settings file (env ZEDA_CONFIG_FILE)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.set_defaults(run=run)
@@ -54,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
             raise ZedaError(f"settings file {args.config} does not exist")
         os.environ["ZEDA_CONFIG_FILE"] = str(args.config)
     given = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag in FLAGS}
+    given["sglang_args"] = args.sglang_args
     try:
         settings = ServerSettings(**{key: value for key, value in given.items() if value is not None})
     except ValidationError as exc:
@@ -62,12 +74,19 @@ def run(args: argparse.Namespace) -> int:
         )
         raise ZedaError(f"invalid settings: {problems}") from exc
     if settings.backend == "sglang":
-        try:
-            from zeda_server.sglang_engine import SglangEngine
-        except ImportError as exc:
-            raise ZedaError(f"--backend sglang needs the sglang extra (pip install 'zeda[sglang]'): {exc}") from exc
-        dtype_arg = {} if settings.dtype == "auto" else {"dtype": settings.dtype}
-        engine = SglangEngine(settings.model, settings.max_batch, settings.max_queue, **dtype_arg)
+        if importlib.util.find_spec("sglang") is None:
+            raise ZedaError("--backend sglang needs the sglang extra: pip install 'zeda[sglang]'")
+        from zeda_server.sglang_engine import SglangEngine, parse_sglang_args
+
+        engine = SglangEngine(
+            settings.model,
+            settings.max_batch,
+            settings.max_queue,
+            settings.dtype,
+            settings.max_total_tokens,
+            settings.tp_size,
+            parse_sglang_args(settings.sglang_args),
+        )
     else:
         dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
         engine = TorchEngine(settings.model, settings.device, dtype, settings.max_batch, settings.max_queue)

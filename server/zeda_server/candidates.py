@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import re
 from pathlib import Path
 from typing import Literal
@@ -22,7 +21,7 @@ from zeda_core.checkpoint import checkpoint_routing_spec, read_state, resolve_ch
 from zeda_core.errors import ZedaError
 from zeda_core.moe import ZeroExpertMoeBlock
 from zeda_core.spec import RoutingSpec
-from zeda_server.versions import ModelVersion, checkpoint_fingerprint
+from zeda_server.versions import ModelVersion, checkpoint_fingerprint, router_fingerprint
 
 Scope = Literal["router", "all"]
 ROUTER_KEY = re.compile(r"\.mlp\.gate\.\w+$")
@@ -94,7 +93,7 @@ def prepare_version(current: ModelVersion, candidate: str | Path, scope: Scope, 
     _smoke_generate(fresh, tokenizer)
     source_fp = checkpoint_fingerprint(resolve_checkpoint(candidate))
     if scope == "router":
-        source_fp = "fp_" + hashlib.sha256(f"{current.fingerprint}+router:{source_fp}".encode()).hexdigest()[:12]
+        source_fp = router_fingerprint(current.fingerprint, source_fp)
     return ModelVersion(fresh, source_fp, str(candidate), scope)
 
 

@@ -30,6 +30,9 @@ class ServerSettings(BaseSettings):
     max_queue: int = Field(default=256, ge=1)
     max_tokens_cap: int = Field(default=1024, ge=1)
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    max_total_tokens: int | None = Field(default=None, ge=1)
+    tp_size: int = Field(default=1, ge=1)
+    sglang_args: list[str] = []
     cors_origins: list[str] = []
     trust_remote_code: bool = False
     capture_db: Path | None = None

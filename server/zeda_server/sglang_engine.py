@@ -1,24 +1,32 @@
-"""SGLang backend of ``zeda serve`` (GPU hosts): the same interface as the torch engine.
+"""SGLang backend of ``zeda serve``: ``sglang.Engine`` behind the torch engine's interface.
 
-The model runs in ``sglang.Engine`` with the ZEDA model classes (``zeda_server.sglang_models``),
-the Triton fused-MoE runner (it skips zero slots) and the routed-experts return on. Each
-request's ``usage.zeda`` comes from that return: ids ``>= N`` are zero slots. Prompt log-probs
-(remote teacher scoring) use SGLang's ``return_logprob`` with ``logprob_start_len=0``.
+The model runs in SGLang's engine with ZEDA's model classes (``zeda_server.sglang_models``,
+registered through the ``sglang.srt.plugins`` entry point in every SGLang process) and the
+routed-experts return on. On a GPU host the MoE runs SGLang's Triton runner, which skips zero
+slots (id -1); on a CPU-only machine SGLang's CPU engine runs ZEDA's zero-skipping MoE forward
+(``sglang_models.cpu_moe``), prepared by :func:`zeda_server.sglang_env.prepare_sglang_environment`.
 
-Hot-swap goes through SGLang's weight-update API (``update_weights_from_disk``): its writer
-lock lets running requests finish on the old weights while new ones wait for the new ones.
-The candidate passes the same file checks as on the torch engine first, and a smoke generation
-after the update; a failed smoke test loads the previous checkpoint back.
+Each request's ``usage.zeda`` comes from the routed-experts return: ids ``>= N`` are zero slots.
+It covers every prompt token once and every generated token fed back once, as on the torch
+engine. Prompt log-probs (remote teacher scoring) use ``return_logprob`` with
+``logprob_start_len=0``.
 
-Not exercised on this project's CPU machines (SGLang's engine needs a GPU); the pure parts
-(usage from the routed-experts payload) are tested on CPU.
+Hot-swap goes through SGLang's weight-update API: ``update_weights_from_tensor`` for the router
+rows (scope ``router``), ``update_weights_from_disk`` for whole checkpoints (scope ``all``). Its
+writer lock waits for running requests to finish on the old weights while new ones wait for the
+new ones, so no request changes version mid-stream. The candidate passes the torch engine's file
+checks first, and a smoke generation after the update; a failed smoke test restores the previous
+version.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
+import json
+import tempfile
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +34,20 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from zeda_core.checkpoint import read_state, resolve_checkpoint
+from zeda_core.errors import ZedaError
 from zeda_core.flops import FlopModel, FlopReport, expert_slot_flops, flop_report
-from zeda_server.candidates import SMOKE_PROMPT, CandidateRejected, Scope, candidate_weights
+from zeda_core.spec import RoutingSpec, read_num_zero_experts
+from zeda_server.candidates import ROUTER_KEY, SMOKE_PROMPT, CandidateRejected, Scope, candidate_weights
 from zeda_server.engine import QueueFull, SamplingParams, StepOutput, chat_prompt_ids
+from zeda_server.sglang_env import SglangPlatform, prepare_sglang_environment
 from zeda_server.sglang_models.plugin import register_configs
-from zeda_server.sglang_models.zero_aware import routing_spec_of
+from zeda_server.sglang_models.slot_counter import create_slot_counter_file, read_slot_counter
 from zeda_server.sglang_models.zero_slots import routed_slot_counts
 from zeda_server.text_stream import TextStream
-from zeda_server.versions import checkpoint_fingerprint
+from zeda_server.versions import checkpoint_fingerprint, router_fingerprint
+
+SERVED_MODEL_TYPES = ("qwen3_moe", "qwen3_moe_plus_plus", "glm4_moe_lite", "glm4_moe_lite_plus_plus")
+CPU_KV_TOKENS_CAP = 65_536
 
 
 def moe_layer_count(config: Any) -> int:
@@ -45,9 +59,28 @@ def moe_layer_count(config: Any) -> int:
     return sum(1 for i in range(dense, layers) if i not in only_mlp and (i + 1) % step == 0)
 
 
+def served_routing_spec(config: Any) -> RoutingSpec:
+    """The routing spec SGLang serves ``config`` with: N + Z rows for a ZEDA model, Z = 0 for a plain one.
+
+    Raises:
+        ZedaError: a family the SGLang backend does not serve.
+    """
+    from zeda_core.families import family_for_model_type
+
+    values = config.to_dict()
+    model_type = str(values.get("model_type"))
+    if model_type not in SERVED_MODEL_TYPES:
+        raise ZedaError(
+            f"the sglang backend serves Qwen3-MoE and GLM4-MoE-Lite checkpoints, not {model_type!r}; "
+            "use --backend torch"
+        )
+    family = family_for_model_type(model_type)
+    return family.routing_spec(config, read_num_zero_experts(values), bool(values.get("zeda_zero_logit_bias", False)))
+
+
 def flop_model_of(config: Any) -> FlopModel:
     """The routed-expert figures ``usage.zeda`` needs, read off the config."""
-    spec = routing_spec_of(config)
+    spec = served_routing_spec(config)
     return FlopModel(
         slot_flops=expert_slot_flops(int(config.hidden_size), int(config.moe_intermediate_size)),
         top_k=spec.top_k,
@@ -68,46 +101,133 @@ def report_of(counts: torch.Tensor, flop_model: FlopModel) -> FlopReport:
     return flop_report(counts, int(counts[0].sum()) // flop_model.top_k, flop_model)
 
 
-class SglangEngine:
-    """``sglang.Engine`` behind the torch engine's interface (``submit``, ``score``, ``chat_prompt``)."""
+def engine_arguments(
+    platform: SglangPlatform,
+    dtype: str,
+    max_batch: int,
+    context_length: int,
+    max_total_tokens: int | None,
+    tp_size: int,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """Keyword arguments of ``sglang.Engine`` (``ServerArgs`` fields) for this platform.
 
-    def __init__(self, model_path: str, max_batch: int = 256, max_queue: int = 1024, **engine_args: Any) -> None:
+    On CPU: float32 unless a dtype is given, and a KV pool of at most ``max_batch`` full contexts
+    (``CPU_KV_TOKENS_CAP`` tokens) unless ``max_total_tokens`` says otherwise. On GPU: the Triton
+    MoE runner and SGLang's own sizing. ``extra`` (``--sglang-arg``) overrides everything but the
+    settings ZEDA needs: the routed-experts return and unfused shared experts.
+    """
+    args: dict[str, Any] = {
+        "enable_return_routed_experts": True,
+        "disable_shared_experts_fusion": True,
+        "max_running_requests": max_batch,
+        "tp_size": tp_size,
+    }
+    if platform.on_cpu:
+        args |= {"device": "cpu", "dtype": "float32" if dtype == "auto" else dtype}
+        args["max_total_tokens"] = max_total_tokens or min(max_batch * context_length, CPU_KV_TOKENS_CAP)
+    else:
+        args |= {"moe_runner_backend": "triton"}
+        if dtype != "auto":
+            args["dtype"] = dtype
+        if max_total_tokens is not None:
+            args["max_total_tokens"] = max_total_tokens
+    fixed = {"enable_return_routed_experts", "disable_shared_experts_fusion"}
+    refused = sorted(fixed & set(extra))
+    if refused:
+        raise ZedaError(f"--sglang-arg {refused[0]} cannot be changed: the ZEDA backend needs it")
+    return args | extra
+
+
+@dataclass
+class _ServedVersion:
+    """What SGLang holds: a checkpoint's weights, optionally with another checkpoint's router rows."""
+
+    base: Path
+    fingerprint: str
+    source: str
+    scope: str = "all"
+    router: dict[str, torch.Tensor] | None = None
+    loaded_at: float = field(default_factory=time.time)
+
+    def describe(self) -> dict[str, object]:
+        return {key: getattr(self, key) for key in ("fingerprint", "source", "scope", "loaded_at")}
+
+
+class SglangEngine:
+    """``sglang.Engine`` behind the torch engine's interface (``submit``, ``score``, ``swap_checkpoint``).
+
+    Args:
+        model_path: local directory or hub id (a ZEDA, reference-format or plain Qwen3-MoE /
+            GLM4-MoE-Lite checkpoint).
+        max_batch: requests SGLang runs together (``max_running_requests``).
+        max_queue: requests held (running + waiting) before :class:`QueueFull`.
+        dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
+        max_total_tokens: KV pool size in tokens (None: see :func:`engine_arguments`).
+        tp_size: tensor-parallel ranks.
+        sglang_args: further ``ServerArgs`` fields.
+
+    Raises:
+        ZedaError: an unservable checkpoint or configuration, or SGLang failed to start.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        max_batch: int = 32,
+        max_queue: int = 256,
+        dtype: str = "auto",
+        max_total_tokens: int | None = None,
+        tp_size: int = 1,
+        sglang_args: dict[str, Any] | None = None,
+    ) -> None:
+        self._counter_dir = tempfile.TemporaryDirectory(prefix="zeda-sglang-")
+        self.slot_counter = create_slot_counter_file(Path(self._counter_dir.name) / "slots.bin")
+        self.platform = prepare_sglang_environment(self.slot_counter)
         import sglang
 
-        os.environ.setdefault("SGLANG_EXTERNAL_MODEL_PACKAGE", "zeda_server.sglang_models")
         register_configs()
         checkpoint = resolve_checkpoint(model_path)
         config = AutoConfig.from_pretrained(checkpoint)
-        self.spec = routing_spec_of(config)
+        self.spec = served_routing_spec(config)
         self.flop_model = flop_model_of(config)
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         self.context_length = int(config.max_position_embeddings)
-        self.checkpoint = checkpoint
-        self.fingerprint = checkpoint_fingerprint(checkpoint)
-        self.previous: tuple[Path, str] | None = None
+        self.current = _ServedVersion(checkpoint, checkpoint_fingerprint(checkpoint), str(checkpoint))
+        self.previous: _ServedVersion | None = None
         self.max_queue = max_queue
         self._in_flight = 0
-        self.engine = sglang.Engine(
-            model_path=str(checkpoint),
-            moe_runner_backend="triton",
-            enable_return_routed_experts=True,
-            disable_shared_experts_fusion=True,
-            max_running_requests=max_batch,
-            **engine_args,
+        args = engine_arguments(
+            self.platform, dtype, max_batch, self.context_length, max_total_tokens, tp_size, sglang_args or {}
         )
+        try:
+            self.engine = sglang.Engine(model_path=str(checkpoint), log_level="warning", **args)
+        except TypeError as exc:  # an unknown ServerArgs field
+            raise ZedaError(f"invalid SGLang engine argument: {exc}") from exc
+        except Exception as exc:
+            raise ZedaError(f"SGLang failed to start on {checkpoint}: {type(exc).__name__}: {exc}") from exc
+
+    @property
+    def fingerprint(self) -> str:
+        return self.current.fingerprint
 
     @property
     def queue_depth(self) -> int:
-        return max(0, self._in_flight - self.running)
+        return 0
 
     @property
     def running(self) -> int:
         return self._in_flight
 
+    def slots_computed(self) -> tuple[int, int]:
+        """(computed, skipped) expert slots the CPU MoE forward has run since start (0, 0 on GPU)."""
+        return read_slot_counter(self.slot_counter)
+
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         return chat_prompt_ids(self.tokenizer, messages)
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StepOutput]:
+        """Stream one request's outputs; closing the iterator early aborts it in SGLang."""
         if self._in_flight >= self.max_queue:
             raise QueueFull(f"{self.max_queue} requests in flight")
         self._in_flight += 1
@@ -123,7 +243,7 @@ class SglangEngine:
         generated: list[int] = []
         try:
             chunks = await self.engine.async_generate(
-                input_ids=prompt_ids, sampling_params=sampling, stream=True, return_routed_experts=True
+                input_ids=list(prompt_ids), sampling_params=sampling, stream=True, return_routed_experts=True
             )
             async for chunk in chunks:
                 new = chunk["output_ids"][len(generated) :]
@@ -144,8 +264,10 @@ class SglangEngine:
             self._in_flight -= 1
 
     async def score(self, sequences: list[list[int]]) -> tuple[list[list[float]], FlopReport, str]:
+        """Log-probs of tokens 1..n-1 of each sequence, the FLOPs spent, the fingerprint."""
+        fingerprint = self.fingerprint
         results = await self.engine.async_generate(
-            input_ids=sequences,
+            input_ids=[list(s) for s in sequences],
             sampling_params={"max_new_tokens": 1, "temperature": 0.0},
             return_logprob=True,
             logprob_start_len=0,
@@ -156,46 +278,99 @@ class SglangEngine:
             values = [entry[0] for entry in result["meta_info"]["input_token_logprobs"]][1 : len(sequence)]
             scores.append([float(v) for v in values])
             total += slot_counts_from_meta(result["meta_info"], self.flop_model, self.spec.num_experts)
-        return scores, report_of(total, self.flop_model), self.fingerprint
+        return scores, report_of(total, self.flop_model), fingerprint
 
     def versions(self) -> dict[str, Any]:
-        previous = {"fingerprint": self.previous[1], "source": str(self.previous[0])} if self.previous else None
-        return {"current": {"fingerprint": self.fingerprint, "source": str(self.checkpoint)}, "previous": previous}
+        previous = self.previous.describe() if self.previous else None
+        return {"current": self.current.describe(), "previous": previous}
 
     async def swap_checkpoint(self, checkpoint: str, scope: Scope) -> dict[str, Any]:
-        """Validate ``checkpoint`` and load all its weights into the running SGLang engine."""
-        if scope != "all":
-            raise CandidateRejected("the sglang backend swaps whole checkpoints: use scope 'all'")
-        served = await asyncio.to_thread(read_state, self.checkpoint)
-        await asyncio.to_thread(candidate_weights, checkpoint, self.spec, served, "all")
-        await self._load(resolve_checkpoint(checkpoint))
-        return self.versions()["current"]
+        """Validate ``checkpoint`` and load its router rows or all its weights into the running engine.
+
+        Raises:
+            CandidateRejected: a failed check, SGLang refused the weights, or the smoke test failed;
+                the served version is unchanged.
+        """
+        served = await asyncio.to_thread(read_state, self.current.base)
+        weights = await asyncio.to_thread(candidate_weights, checkpoint, self.spec, served, scope)
+        path = resolve_checkpoint(checkpoint)
+        if scope == "all":
+            version = _ServedVersion(path, checkpoint_fingerprint(path), str(checkpoint))
+        else:
+            fingerprint = router_fingerprint(self.current.fingerprint, checkpoint_fingerprint(path))
+            version = _ServedVersion(self.current.base, fingerprint, str(checkpoint), "router", weights)
+        await self._install(version)
+        return version.describe()
 
     async def rollback(self) -> dict[str, Any]:
+        """Load the previous version back (the current one becomes the previous)."""
         if self.previous is None:
             raise LookupError("no previous version to roll back to")
-        await self._load(self.previous[0])
-        return self.versions()["current"]
+        await self._install(self.previous)
+        return self.current.describe()
 
-    async def _load(self, checkpoint: Path) -> None:
+    async def _install(self, version: _ServedVersion) -> None:
+        """Load ``version`` into SGLang, smoke-test it, and make it current; restore the old one on failure."""
+        old, older = self.current, self.previous
+        await self._load(version, old)
+        self.current, self.previous = version, old
+        try:
+            await self._smoke_test()
+        except Exception as exc:  # the new weights do not serve: put the old ones back
+            await self._load(old, version)
+            self.current, self.previous = old, older
+            raise CandidateRejected(f"smoke generation failed: {type(exc).__name__}: {exc}") from exc
+
+    async def _load(self, version: _ServedVersion, loaded: _ServedVersion) -> None:
+        """Make SGLang hold ``version``'s weights, given that it holds ``loaded``'s."""
+        if version.base != loaded.base or (loaded.router is not None and version.router is None):
+            await self._update_from_disk(version.base)
+        if version.router is not None:
+            await self._update_from_tensors(version.router)
+
+    async def _update_from_disk(self, checkpoint: Path) -> None:
         from sglang.srt.managers.io_struct import UpdateWeightFromDiskReqInput
 
         request = UpdateWeightFromDiskReqInput(model_path=str(checkpoint))
         success, message, *_ = await self.engine.tokenizer_manager.update_weights_from_disk(request, None)
         if not success:
             raise CandidateRejected(f"SGLang refused the weights: {message}")
-        old, older = (self.checkpoint, self.fingerprint), self.previous
-        self.checkpoint, self.fingerprint = checkpoint, checkpoint_fingerprint(checkpoint)
-        self.previous = old
-        smoke = SamplingParams(max_tokens=4, temperature=0.0)
-        try:
-            async for _ in self.submit(self.tokenizer(SMOKE_PROMPT).input_ids, smoke):
-                pass
-        except Exception as exc:  # the new weights do not serve: put the old ones back
-            back = UpdateWeightFromDiskReqInput(model_path=str(old[0]))
-            await self.engine.tokenizer_manager.update_weights_from_disk(back, None)
-            (self.checkpoint, self.fingerprint), self.previous = old, older
-            raise CandidateRejected(f"smoke generation failed: {type(exc).__name__}: {exc}") from exc
+
+    async def _update_from_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        from sglang.srt.managers.io_struct import UpdateWeightsFromTensorReqInput
+
+        named = [(name, tensor) for name, tensor in tensors.items() if ROUTER_KEY.search(name)]
+        payload = self.engine._serialize_tensors_per_rank(named, None)
+        request = UpdateWeightsFromTensorReqInput(serialized_named_tensors=payload)
+        success, message = await self.engine.tokenizer_manager.update_weights_from_tensor(request, None)
+        if not success:
+            raise CandidateRejected(f"SGLang refused the router weights: {message}")
+
+    async def _smoke_test(self) -> None:
+        """A few greedy tokens on the weights just loaded; raises if they cannot be generated."""
+        scores, _, _ = await self.score([self.tokenizer(SMOKE_PROMPT).input_ids])
+        if not all(torch.isfinite(torch.tensor(s)).all() for s in scores if s):
+            raise ValueError("non-finite log-probs")
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+        self._counter_dir.cleanup()
+
+
+def parse_sglang_args(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (``--sglang-arg``) -> ServerArgs fields; VALUE is JSON when it parses, else text.
+
+    Raises:
+        ZedaError: a pair without ``=`` or with an empty key.
+    """
+    args: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ZedaError(f"--sglang-arg {pair!r}: expected KEY=VALUE, e.g. disable_radix_cache=true")
+        try:
+            args[key] = json.loads(value)
+        except json.JSONDecodeError:
+            args[key] = value
+    return args

@@ -39,3 +39,8 @@ def checkpoint_fingerprint(checkpoint: Path) -> str:
         stat = path.stat()
         digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return "fp_" + digest.hexdigest()[:12]
+
+
+def router_fingerprint(base: str, candidate: str) -> str:
+    """Fingerprint of ``base``'s weights with the router rows of the checkpoint fingerprinted ``candidate``."""
+    return "fp_" + hashlib.sha256(f"{base}+router:{candidate}".encode()).hexdigest()[:12]

@@ -1,9 +1,17 @@
-"""ZEDA variants of SGLang's Qwen3-MoE and GLM4-MoE-Lite models (``*PlusPlusForCausalLM``).
+"""ZEDA's SGLang model classes: the upstream Qwen3-MoE and GLM4-MoE-Lite models, made to load
+transformers-5 checkpoints, tie embeddings, and (ZEDA variants) route over N + Z rows.
 
-Each is the upstream model with every sparse MoE block made zero-aware (see ``zero_aware``).
-Weights load through the upstream ``load_weights``: the gate rows (N + Z) keep their names, and
-experts stored fused by transformers 5 (``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj``
-[E, H, I]) are split into the per-expert names the upstream loader maps.
+- ``Qwen3MoePlusPlusForCausalLM`` / ``Glm4MoeLitePlusPlusForCausalLM``: every sparse MoE block
+  made zero-aware (see ``zero_aware``).
+- ``Qwen3MoeCheckpointForCausalLM`` / ``Glm4MoeLiteCheckpointForCausalLM``: the plain models (a
+  teacher, a static baseline) with the same loading fixes. ``zeda serve`` registers them under
+  the upstream architecture names in the processes it starts (see ``plugin``).
+
+Loading fixes over upstream 0.5.23: experts stored fused by transformers 5
+(``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj`` [E, H, I]) are split into the
+per-expert names the upstream loader maps, and ``tie_word_embeddings`` makes ``lm_head`` the
+input embedding (upstream leaves it uninitialised, which gives uniform log-probs). On CPU, every
+MoE layer runs the zero-skipping forward of ``cpu_moe``.
 """
 
 from __future__ import annotations
@@ -13,9 +21,16 @@ from collections.abc import Iterable, Iterator
 import torch
 from sglang.srt.models.glm4_moe_lite import Glm4MoeLiteForCausalLM, Glm4MoeLiteSparseMoeBlock
 from sglang.srt.models.qwen3_moe import Qwen3MoeForCausalLM, Qwen3MoeSparseMoeBlock
+from sglang.srt.utils import is_cpu
 from torch import nn
 
+from zeda_server.sglang_models.cpu_moe import use_zero_skipping_cpu_moe
+from zeda_server.sglang_models.plugin import allow_host_caches_on_cpu
 from zeda_server.sglang_models.zero_aware import make_zero_aware, routing_spec_of
+
+allow_host_caches_on_cpu()  # both registration routes import this module in every SGLang process
+
+TIED_HEAD = "lm_head.weight"
 
 
 def per_expert_weights(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -35,29 +50,74 @@ def per_expert_weights(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[
             yield name, tensor
 
 
-def _make_blocks_zero_aware(model: nn.Module, block_type: type, config) -> None:
-    spec = routing_spec_of(config)
+def checkpoint_weights(
+    weights: Iterable[tuple[str, torch.Tensor]], tied: bool
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """What the upstream loader should see: per-expert names, and no ``lm_head`` when it is tied."""
+    for name, tensor in per_expert_weights(weights):
+        if not (tied and name == TIED_HEAD):
+            yield name, tensor
+
+
+def _adapt(model: nn.Module, block_type: type, zero_aware: bool) -> None:
+    """Tie ``lm_head``, run the zero-skipping CPU MoE, and (ZEDA models) make the MoE blocks zero-aware."""
+    config = model.config
+    if getattr(config, "tie_word_embeddings", False):
+        model.lm_head = model.model.embed_tokens
+    spec = routing_spec_of(config) if zero_aware else None
     for layer_id, layer in enumerate(model.model.layers):
-        if isinstance(layer.mlp, block_type):
+        if not isinstance(layer.mlp, block_type):
+            continue
+        if is_cpu():
+            use_zero_skipping_cpu_moe(layer.mlp.experts, layer_id)
+        if spec is not None:
             make_zero_aware(layer.mlp, spec, config.hidden_size, layer_id, f"model.layers.{layer_id}.mlp")
 
 
-class Qwen3MoePlusPlusForCausalLM(Qwen3MoeForCausalLM):
+class Qwen3MoeCheckpointForCausalLM(Qwen3MoeForCausalLM):
+    """Upstream Qwen3-MoE that loads transformers-5 checkpoints (fused experts, tied embeddings)."""
+
+    zero_aware = False
+
     def __init__(self, config, quant_config=None, prefix: str = "") -> None:
         super().__init__(config, quant_config=quant_config, prefix=prefix)
-        _make_blocks_zero_aware(self, Qwen3MoeSparseMoeBlock, config)
+        _adapt(self, Qwen3MoeSparseMoeBlock, self.zero_aware)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], is_mtp: bool = False):
-        return super().load_weights(per_expert_weights(weights), is_mtp=is_mtp)
+        tied = bool(getattr(self.config, "tie_word_embeddings", False))
+        return super().load_weights(checkpoint_weights(weights, tied), is_mtp=is_mtp)
 
 
-class Glm4MoeLitePlusPlusForCausalLM(Glm4MoeLiteForCausalLM):
+class Qwen3MoePlusPlusForCausalLM(Qwen3MoeCheckpointForCausalLM):
+    """A ZEDA Qwen3-MoE: gate of N + Z rows, zero slots never computed."""
+
+    zero_aware = True
+
+
+class Glm4MoeLiteCheckpointForCausalLM(Glm4MoeLiteForCausalLM):
+    """Upstream GLM4-MoE-Lite that loads transformers-5 checkpoints (fused experts, tied embeddings)."""
+
+    zero_aware = False
+
     def __init__(self, config, quant_config=None, prefix: str = "") -> None:
         super().__init__(config, quant_config=quant_config, prefix=prefix)
-        _make_blocks_zero_aware(self, Glm4MoeLiteSparseMoeBlock, config)
+        _adapt(self, Glm4MoeLiteSparseMoeBlock, self.zero_aware)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], is_nextn: bool = False):
-        return super().load_weights(per_expert_weights(weights), is_nextn=is_nextn)
+        tied = bool(getattr(self.config, "tie_word_embeddings", False))
+        return super().load_weights(checkpoint_weights(weights, tied), is_nextn=is_nextn)
+
+
+class Glm4MoeLitePlusPlusForCausalLM(Glm4MoeLiteCheckpointForCausalLM):
+    """A ZEDA GLM4-MoE-Lite: gate and correction bias of N + Z rows, zero slots never computed."""
+
+    zero_aware = True
 
 
 EntryClass = [Qwen3MoePlusPlusForCausalLM, Glm4MoeLitePlusPlusForCausalLM]
+
+# The upstream architecture each plain class stands in for, in processes ``zeda serve`` starts.
+PLAIN_CLASSES: dict[str, type[nn.Module]] = {
+    "Qwen3MoeForCausalLM": Qwen3MoeCheckpointForCausalLM,
+    "Glm4MoeLiteForCausalLM": Glm4MoeLiteCheckpointForCausalLM,
+}

@@ -4,10 +4,18 @@ Two routes, both supported: the ``sglang.srt.plugins`` entry point ``zeda`` (SGL
 :func:`register` early in its main, scheduler and detokenizer processes), and
 ``SGLANG_EXTERNAL_MODEL_PACKAGE=zeda_server.sglang_models`` (its registry scans the package's
 ``EntryClass``; the package import registers the configs).
+
+In processes started by ``zeda serve`` (``ZEDA_SGLANG_SERVE=1``, inherited by SGLang's
+subprocesses) the plain Qwen3-MoE and GLM4-MoE-Lite architectures are served by ZEDA's loading
+variants too (fused experts, tied embeddings, the zero-skipping CPU MoE), so a teacher and its
+ZEDA student run the same code. Elsewhere upstream's classes are left alone.
 """
 
 from __future__ import annotations
 
+import os
+
+import torch
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.glm4_moe_lite import Glm4MoeLiteConfig
 from transformers.models.qwen3_moe import Qwen3MoeConfig
@@ -20,6 +28,8 @@ class Qwen3MoePlusPlusConfig(Qwen3MoeConfig):
 class Glm4MoeLitePlusPlusConfig(Glm4MoeLiteConfig):
     model_type = "glm4_moe_lite_plus_plus"
 
+
+SERVE_ENV = "ZEDA_SGLANG_SERVE"
 
 CONFIGS: tuple[type[PretrainedConfig], ...] = (Qwen3MoePlusPlusConfig, Glm4MoeLitePlusPlusConfig)
 
@@ -40,12 +50,35 @@ def register_configs() -> None:
         _CONFIG_REGISTRY.setdefault(config.model_type, config)
 
 
+def _plain_host_memory(dims: tuple, dtype: torch.dtype, device: str, pin_memory: bool = False, allocator=None):
+    """Host memory for a CPU engine: there is no device to pin it for."""
+    if allocator is not None:
+        return allocator.allocate(dims, dtype, "cpu")
+    return torch.empty(dims, dtype=dtype)
+
+
+def allow_host_caches_on_cpu() -> None:
+    """Let SGLang's host caches (the routed-experts capture among them) allocate on a CPU engine.
+
+    ``ALLOC_MEMORY_FUNCS`` has no ``"cpu"`` entry in 0.5.23, so its default pins memory through
+    CUDA and fails. Only the ``"cpu"`` key is added; GPU devices keep their allocators.
+    """
+    try:
+        from sglang.srt.mem_cache.pool_host.common import ALLOC_MEMORY_FUNCS
+    except ImportError:
+        return
+    ALLOC_MEMORY_FUNCS.setdefault("cpu", _plain_host_memory)
+
+
 def register() -> None:
     """SGLang plugin hook: the ZEDA configs and model classes, keyed by architecture name."""
     register_configs()
+    allow_host_caches_on_cpu()
     from sglang.srt.models.registry import ModelRegistry
 
-    from zeda_server.sglang_models.models import EntryClass
+    from zeda_server.sglang_models.models import PLAIN_CLASSES, EntryClass
 
     for model_class in EntryClass:
         ModelRegistry.models[model_class.__name__] = model_class
+    if os.environ.get(SERVE_ENV) == "1":
+        ModelRegistry.models.update(PLAIN_CLASSES)

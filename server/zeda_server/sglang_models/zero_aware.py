@@ -1,8 +1,10 @@
 """Turn an SGLang MoE block into a zero-aware one: a gate of N + Z rows, ``zeda_core.route`` top-k,
 zero slots handed to the fused MoE as skipped (-1) slots.
 
-Only the Triton fused-MoE runner skips -1 slots (SGLang 0.5.23); any other runner would compute or
-crash on them, and EPLB / redundant experts would remap them. Those setups are refused at load.
+Two fused-MoE forwards skip -1 slots: SGLang 0.5.23's Triton runner on GPU, and ZEDA's own CPU
+forward (``cpu_moe``). Any other runner (trtllm, cutlass, deep-gemm, upstream CPU) would compute
+or crash on them, and fused shared experts would be remapped. Those setups are refused at load,
+by looking at the forward each layer will actually dispatch to.
 """
 
 from __future__ import annotations
@@ -13,15 +15,16 @@ from typing import Any
 import torch
 from sglang.srt.layers.linear import ReplicatedLinear
 from sglang.srt.layers.moe.topk import StandardTopKOutput, capture_routed_experts_if_allowed
+from sglang.srt.layers.moe.utils import MoeRunnerBackend
+from sglang.srt.utils import is_cpu
 from torch import nn
 
 from zeda_core.errors import ZedaError
 from zeda_core.families import family_for_model_type
 from zeda_core.routing import route
 from zeda_core.spec import RoutingSpec, read_num_zero_experts
+from zeda_server.sglang_models.cpu_moe import runs_zero_skipping_cpu_moe
 from zeda_server.sglang_models.zero_slots import hand_off_zero_slots
-
-SKIPPING_RUNNERS = ("triton",)
 
 
 def routing_spec_of(config: Any) -> RoutingSpec:
@@ -84,15 +87,25 @@ class _CaptureConfig:
     allow_routed_experts_capture: bool = True
 
 
-def check_experts_skip_zero_slots(experts: nn.Module, layer_id: int) -> None:
-    """Refuse a fused-MoE setup that would compute or crash on skipped (-1) slots."""
-    runner = str(getattr(experts, "runner_backend", "triton")).lower()
-    if not any(name in runner for name in SKIPPING_RUNNERS):
-        hint = "start SGLang with --moe-runner-backend triton"
-        raise ZedaError(f"layer {layer_id}: MoE runner {runner!r} does not skip zero slots; {hint}")
+def check_experts_skip_zero_slots(experts: nn.Module, layer_id: int, on_cpu: bool | None = None) -> None:
+    """Refuse a fused-MoE layer whose forward would compute or crash on skipped (-1) slots.
+
+    On CPU the layer must dispatch to the zero-skipping forward of ``cpu_moe``; on GPU its runner
+    must be SGLang's Triton runner (no aiter runner beside it).
+    """
     if getattr(experts, "num_fused_shared_experts", 0):
         hint = "pass --disable-shared-experts-fusion"
         raise ZedaError(f"fused shared experts are not supported with zero experts; {hint}")
+    method = experts.quant_method
+    if is_cpu() if on_cpu is None else on_cpu:
+        if not runs_zero_skipping_cpu_moe(experts):
+            raise ZedaError(f"layer {layer_id}: the CPU MoE forward of {type(method).__name__} computes zero slots")
+        return
+    runner = getattr(method, "runner", None)
+    backend = getattr(runner, "runner_backend", None)
+    if backend != MoeRunnerBackend.TRITON or getattr(method, "_aiter_runner", None) is not None:
+        hint = "start SGLang with --moe-runner-backend triton"
+        raise ZedaError(f"layer {layer_id}: MoE runner {backend} does not skip zero slots; {hint}")
 
 
 def make_zero_aware(block: nn.Module, spec: RoutingSpec, hidden_size: int, layer_id: int, prefix: str) -> None:
