@@ -1,5 +1,7 @@
 """SFT under ``accelerate launch`` with 2 CPU processes (gloo): each rank takes half of every batch.
 
+The processes run ``sft_batch_probe.py``, which logs the rows each one trains on.
+
 On a machine without GPUs, ``ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2``
 starts CPU processes that join one gloo group (``--cpu`` alone runs a single process).
 """
@@ -11,8 +13,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 from zeda_core import load_model
+from zeda_trainer.data.packing import global_batch_rows
+from zeda_trainer.recipes import load_recipe
+from zeda_trainer.rollouts import cached_rollouts, load_prompts
+from zeda_trainer.sft import SftConfig, text_mix_blocks
+
+PROBE = Path(__file__).with_name("sft_batch_probe.py")
+RECIPE = Path(__file__).parents[1] / "trainer" / "configs" / "tiny-sft.yaml"  # what `zeda train sft` reads
 
 LAUNCH = [
     "-m",
@@ -45,8 +55,8 @@ def test_two_process_sft(small_teacher: Path, small_data: Path, tmp_path: Path) 
         "optim.lr": 1e-3,
     }
     sets = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
-    command = [sys.executable, *LAUNCH, "-m", "zeda_cli.main", "train", "sft", *sets]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    command = [sys.executable, *LAUNCH, str(PROBE), "train", "sft", *sets]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "ZEDA_BATCH_LOG": str(tmp_path / "batches")}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -54,3 +64,21 @@ def test_two_process_sft(small_teacher: Path, small_data: Path, tmp_path: Path) 
     assert records[0]["lr"] == pytest.approx(0.5e-3)  # linear warm-up 2/4: the schedule steps once per step
     assert load_model(tmp_path / "out").config.zce_nums == [4]
     assert (tmp_path / "run" / "checkpoints" / "step-00000004").is_dir()
+
+    # Each process took its half of every global batch: rank r the rows r, r + 2, ... of its rollouts
+    # and of its text-mix blocks.
+    config = load_recipe(SftConfig, RECIPE, [f"{key}={value}" for key, value in overrides.items()])
+    rollouts = cached_rollouts(config.run_dir / "rollouts.jsonl", load_prompts(config.prompts))
+    blocks = text_mix_blocks(AutoTokenizer.from_pretrained(small_teacher), config.text, config.seed)
+    assert config.text.rows > 0 and blocks is not None
+    taken = {
+        rank: [json.loads(line) for line in (tmp_path / f"batches.{rank}").read_text().splitlines()] for rank in (0, 1)
+    }
+    assert len(taken[0]) == len(taken[1]) == 4
+    for step in range(4):
+        rows = global_batch_rows(step, config.batch_size, len(rollouts), config.seed).tolist()
+        text_rows = global_batch_rows(step, config.text.rows, len(blocks), config.seed + 1).tolist()
+        for rank in (0, 1):
+            mine = [[rollouts[i]["prompt_ids"], rollouts[i]["completion_ids"]] for i in rows[rank::2]]
+            mine += [[[], blocks[i].tolist()] for i in text_rows[rank::2]]
+            assert taken[rank][step] == mine, (rank, step)
