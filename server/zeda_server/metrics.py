@@ -36,6 +36,12 @@ class ServerMetrics:
         self.latency = Histogram("zeda_request_latency_seconds", "End-to-end.", buckets=LATENCY_BUCKETS, registry=r)
         self.model = Info("zeda_model", "The model version new requests start on.", registry=r)
         self.swaps = Counter("zeda_model_swaps", "Hot-swaps and rollbacks applied.", ["kind"], registry=r)
+        self.moe_slots_run = Gauge(
+            "zeda_moe_forward_slots",
+            "Expert slots the engine's MoE forward computed or skipped since start (SGLang CPU engine).",
+            ["kind"],
+            registry=r,
+        )
         self._lock = threading.Lock()
         self._events: collections.deque[tuple[float, int, int, int]] = collections.deque()
 

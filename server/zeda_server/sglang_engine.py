@@ -53,6 +53,9 @@ CPU_KV_TOKENS_CAP = 65_536
 def moe_layer_count(config: Any) -> int:
     """MoE layers of a Qwen3-MoE or GLM4-MoE-Lite config."""
     layers = int(config.num_hidden_layers)
+    kinds = getattr(config, "mlp_layer_types", None)
+    if kinds is not None:
+        return sum(1 for kind in kinds if kind != "dense")
     dense = int(getattr(config, "first_k_dense_replace", 0) or 0)
     only_mlp = set(getattr(config, "mlp_only_layers", []) or [])
     step = int(getattr(config, "decoder_sparse_step", 1) or 1)

@@ -24,6 +24,7 @@ from sglang.srt.models.qwen3_moe import Qwen3MoeForCausalLM, Qwen3MoeSparseMoeBl
 from sglang.srt.utils import is_cpu
 from torch import nn
 
+from zeda_core.errors import ZedaError
 from zeda_server.sglang_models.cpu_moe import use_zero_skipping_cpu_moe
 from zeda_server.sglang_models.plugin import allow_host_caches_on_cpu
 from zeda_server.sglang_models.zero_aware import make_zero_aware, routing_spec_of
@@ -94,12 +95,28 @@ class Qwen3MoePlusPlusForCausalLM(Qwen3MoeCheckpointForCausalLM):
     zero_aware = True
 
 
+def leading_dense_layers(config) -> int:
+    """``first_k_dense_replace`` of a GLM4-MoE-Lite config; transformers 5 writes ``mlp_layer_types`` instead.
+
+    Raises:
+        ZedaError: dense layers that do not all come first, which upstream SGLang cannot express.
+    """
+    if getattr(config, "first_k_dense_replace", None) is not None:
+        return int(config.first_k_dense_replace)
+    kinds = list(getattr(config, "mlp_layer_types", None) or ["dense"] + ["sparse"] * (config.num_hidden_layers - 1))
+    dense = next((i for i, kind in enumerate(kinds) if kind != "dense"), len(kinds))
+    if "dense" in kinds[dense:]:
+        raise ZedaError(f"mlp_layer_types {kinds}: SGLang serves dense layers only before the first MoE layer")
+    return dense
+
+
 class Glm4MoeLiteCheckpointForCausalLM(Glm4MoeLiteForCausalLM):
     """Upstream GLM4-MoE-Lite that loads transformers-5 checkpoints (fused experts, tied embeddings)."""
 
     zero_aware = False
 
     def __init__(self, config, quant_config=None, prefix: str = "") -> None:
+        config.first_k_dense_replace = leading_dense_layers(config)
         super().__init__(config, quant_config=quant_config, prefix=prefix)
         _adapt(self, Glm4MoeLiteSparseMoeBlock, self.zero_aware)
 

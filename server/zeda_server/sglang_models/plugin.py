@@ -26,10 +26,27 @@ class Qwen3MoePlusPlusConfig(Qwen3MoeConfig):
 
 
 class Glm4MoeLitePlusPlusConfig(Glm4MoeLiteConfig):
+    """A ZEDA GLM4-MoE-Lite config. In memory its ``architectures`` also name the upstream class after
+    the ZEDA one: SGLang picks the model class by the first name it knows (the ZEDA one), but sizes an
+    MLA KV cache only for architectures on its own list, which the upstream name is on."""
+
     model_type = "glm4_moe_lite_plus_plus"
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        names = list(self.architectures or [])
+        if names and names[0] == "Glm4MoeLitePlusPlusForCausalLM" and UPSTREAM_GLM not in names:
+            self.architectures = [*names, UPSTREAM_GLM]
+
+    def to_dict(self) -> dict:
+        values = super().to_dict()
+        if values.get("architectures"):
+            values["architectures"] = [name for name in values["architectures"] if name != UPSTREAM_GLM]
+        return values
 
 
 SERVE_ENV = "ZEDA_SGLANG_SERVE"
+UPSTREAM_GLM = "Glm4MoeLiteForCausalLM"
 
 CONFIGS: tuple[type[PretrainedConfig], ...] = (Qwen3MoePlusPlusConfig, Glm4MoeLitePlusPlusConfig)
 
@@ -70,6 +87,26 @@ def allow_host_caches_on_cpu() -> None:
     ALLOC_MEMORY_FUNCS.setdefault("cpu", _plain_host_memory)
 
 
+def _absorbed_mla(attn, forward_batch):
+    from sglang.srt.models.deepseek_common.attention_forward_methods.forward_methods import AttnForwardMethod
+
+    return AttnForwardMethod.MLA
+
+
+def allow_mla_on_torch_native_attention() -> None:
+    """Run MLA attention (GLM4-MoE-Lite, DeepSeek) on SGLang's ``torch_native`` backend, absorbed.
+
+    With no handler for ``torch_native``, SGLang 0.5.23 falls back to the Triton backend's choice,
+    which prefills with the MHA path; ``torch_native`` then reads K and V from the latent MLA cache
+    and fails on the shapes. Its absorbed-MLA path (one latent K of ``kv_lora_rank + rope`` dims,
+    V its first ``kv_lora_rank`` dims) is what the MLA cache holds, so it serves every step.
+    A handler SGLang already has for ``torch_native`` is kept.
+    """
+    from sglang.srt.models.deepseek_common.attention_backend_handler import AttentionBackendRegistry
+
+    AttentionBackendRegistry._handlers.setdefault("torch_native", _absorbed_mla)
+
+
 def register() -> None:
     """SGLang plugin hook: the ZEDA configs and model classes, keyed by architecture name."""
     register_configs()
@@ -82,3 +119,4 @@ def register() -> None:
         ModelRegistry.models[model_class.__name__] = model_class
     if os.environ.get(SERVE_ENV) == "1":
         ModelRegistry.models.update(PLAIN_CLASSES)
+        allow_mla_on_torch_native_attention()
