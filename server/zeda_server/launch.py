@@ -22,17 +22,20 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(model: Path, *flags: str, env: dict[str, str] | None = None) -> Iterator[str]:
+def running_server(
+    model: Path, *flags: str, env: dict[str, str] | None = None, startup_timeout: float = 120.0
+) -> Iterator[str]:
     """Yield the base URL of a ``zeda serve`` subprocess serving ``model``; stop it afterwards.
 
     The server's log goes to a temporary file: an undrained pipe would fill up and block it.
+    ``startup_timeout`` (seconds) bounds the wait for ``/health``; SGLang's engine needs longer.
     """
     port = free_port()
     command = [sys.executable, "-m", "zeda_cli.main", "serve", "--model", str(model), "--port", str(port), *flags]
     with tempfile.TemporaryFile(mode="w+") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         try:
-            url = _wait_healthy(process, port, log)
+            url = _wait_healthy(process, port, log, startup_timeout)
             yield url
         finally:
             process.terminate()
@@ -43,9 +46,9 @@ def running_server(model: Path, *flags: str, env: dict[str, str] | None = None) 
                 process.wait()
 
 
-def _wait_healthy(process: subprocess.Popen, port: int, log) -> str:
+def _wait_healthy(process: subprocess.Popen, port: int, log, timeout: float) -> str:
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:
             log.seek(0)
@@ -56,5 +59,5 @@ def _wait_healthy(process: subprocess.Popen, port: int, log) -> str:
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
-            raise RuntimeError("zeda serve did not become healthy in 120 s")
+            raise RuntimeError(f"zeda serve did not become healthy in {timeout:.0f} s")
         time.sleep(0.2)

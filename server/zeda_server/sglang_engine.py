@@ -186,7 +186,7 @@ class SglangEngine:
     ) -> None:
         self._counter_dir = tempfile.TemporaryDirectory(prefix="zeda-sglang-")
         self.slot_counter = create_slot_counter_file(Path(self._counter_dir.name) / "slots.bin")
-        self.platform = prepare_sglang_environment(self.slot_counter)
+        self.platform = prepare_sglang_environment(self.slot_counter, tp_size)
         import sglang
 
         register_configs()
@@ -246,15 +246,21 @@ class SglangEngine:
         generated: list[int] = []
         try:
             chunks = await self.engine.async_generate(
-                input_ids=list(prompt_ids), sampling_params=sampling, stream=True, return_routed_experts=True
+                input_ids=list(prompt_ids),
+                sampling_params=sampling,
+                stream=True,
+                return_logprob=True,
+                return_routed_experts=True,
             )
             async for chunk in chunks:
                 new = chunk["output_ids"][len(generated) :]
+                meta = chunk["meta_info"]
+                logprobs = [float(entry[0]) for entry in meta["output_token_logprobs"][len(generated) :]]
                 generated += new
                 stream.update(generated)
-                meta = chunk["meta_info"]
                 finish = meta.get("finish_reason")
-                output = StepOutput(stream.delta(final=finish is not None), new, [], fingerprint=self.fingerprint)
+                delta = stream.delta(final=finish is not None)
+                output = StepOutput(delta, new, logprobs, fingerprint=self.fingerprint)
                 if finish is not None:
                     output.finish_reason = "length" if finish.get("type") == "length" else "stop"
                     counts = slot_counts_from_meta(meta, self.flop_model, self.spec.num_experts)

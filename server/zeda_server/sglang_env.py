@@ -9,7 +9,12 @@ anything patched in this process, so every setting here is an environment variab
   torch-native attention, PyTorch sampling, no CUDA graphs);
 - where ``libcuda.so.1`` is missing, the ``common_ops`` stand-in on ``PYTHONPATH`` so that
   ``sgl_kernel`` imports (its loader's last fallback; the scheduler imports it before plugins);
-- ``ZEDA_SGLANG_SLOT_COUNTER``: the shared file the CPU MoE forward counts its slots in.
+- ``ZEDA_SGLANG_SLOT_COUNTER``: the shared file the CPU MoE forward counts its slots in;
+- with tensor parallelism on CPU, ``SGLANG_CPU_OMP_THREADS_BIND``: this process's cores split
+  evenly between the ranks (SGLang's default binds one NUMA node per rank, and refuses more
+  ranks than nodes); and ``SGLANG_NCCL_SO_PATH`` naming no file, so that SGLang's NCCL
+  communicator, which a CUDA build of torch would otherwise find and bind to a CUDA device,
+  stays off and the ranks all-reduce over gloo.
 
 On a GPU host only the first and the last are set: the GPU path of SGLang is unchanged.
 """
@@ -30,6 +35,9 @@ from zeda_server.sglang_models.plugin import SERVE_ENV
 from zeda_server.sglang_models.slot_counter import COUNTER_ENV
 
 CPU_ENGINE_ENV = "SGLANG_USE_CPU_ENGINE"
+THREADS_BIND_ENV = "SGLANG_CPU_OMP_THREADS_BIND"
+NCCL_PATH_ENV = "SGLANG_NCCL_SO_PATH"
+NO_NCCL = "no-nccl-on-the-cpu-engine"
 
 
 @dataclass(frozen=True)
@@ -66,11 +74,25 @@ def prepend_python_path(directory: Path) -> None:
         sys.path.insert(0, str(directory))
 
 
-def prepare_sglang_environment(slot_counter: Path | None = None) -> SglangPlatform:
+def cores_per_rank(cores: list[int], ranks: int) -> str:
+    """``SGLANG_CPU_OMP_THREADS_BIND`` for ``ranks`` ranks over ``cores``: contiguous equal groups, ``0-3|4-7``.
+
+    Raises:
+        ZedaError: fewer cores than ranks.
+    """
+    if len(cores) < ranks:
+        raise ZedaError(f"--tp-size {ranks} needs at least {ranks} CPU cores; this process may use {len(cores)}")
+    size = len(cores) // ranks
+    groups = [sorted(cores)[rank * size : (rank + 1) * size] for rank in range(ranks)]
+    return "|".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in groups)
+
+
+def prepare_sglang_environment(slot_counter: Path | None = None, tp_size: int = 1) -> SglangPlatform:
     """Set what SGLang's processes need to inherit (see the module docstring); returns the platform.
 
     Call it before ``sglang`` is imported. Raises ZedaError when ``SGLANG_USE_CPU_ENGINE=0`` is
-    set on a machine without a CUDA device, which SGLang could not start on.
+    set on a machine without a CUDA device, which SGLang could not start on, or when the CPU
+    has fewer cores than tensor-parallel ranks.
     """
     os.environ[SERVE_ENV] = "1"
     if slot_counter is not None:
@@ -81,4 +103,8 @@ def prepare_sglang_environment(slot_counter: Path | None = None) -> SglangPlatfo
         raise ZedaError(f"no CUDA device and {CPU_ENGINE_ENV}={os.environ[CPU_ENGINE_ENV]}: unset it to serve on CPU")
     if not has_cuda_driver():
         prepend_python_path(cpu_shim_dir())
+    if tp_size > 1:
+        if THREADS_BIND_ENV not in os.environ:
+            os.environ[THREADS_BIND_ENV] = cores_per_rank(sorted(os.sched_getaffinity(0)), tp_size)
+        os.environ.setdefault(NCCL_PATH_ENV, str(cpu_shim_dir() / NO_NCCL))
     return SglangPlatform("cpu")
