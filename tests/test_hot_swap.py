@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -17,8 +18,7 @@ from zeda_server.launch import running_server
 ADMIN_KEY = "admin-secret"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 LOAD_CLIENTS = 16
-LOAD_SECONDS = 22.0
-SWAP_AT_SECONDS = 9.0
+LONG_TOKENS = 400
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,12 @@ def server(small_student: Path):
         yield url
 
 
+def _swaps(url: str, kind: str) -> float:
+    """The server's ``zeda_model_swaps_total`` counter of ``kind`` (swap, rollback, rejected)."""
+    match = re.search(rf'^zeda_model_swaps_total{{kind="{kind}"}} ([0-9.]+)$', httpx.get(f"{url}/metrics").text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
 def _complete(url: str) -> dict:
     body = {"model": "student", "prompt": "What is 2 + 3?", "max_tokens": 4, "temperature": 0}
     response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
@@ -78,6 +84,7 @@ def _complete(url: str) -> dict:
 
 def test_bad_swaps_are_refused_and_the_server_keeps_serving(server: str, candidates: dict[str, Path]) -> None:
     before = _complete(server)["system_fingerprint"]
+    rejected_before = _swaps(server, "rejected")
     good = {"checkpoint": str(candidates["good"]), "scope": "router"}
 
     missing = httpx.post(f"{server}/admin/swap", json=good, timeout=60)
@@ -107,90 +114,105 @@ def test_bad_swaps_are_refused_and_the_server_keeps_serving(server: str, candida
     assert bad_scope.status_code == 400 and bad_scope.json()["error"]["param"] == "scope"
     status = httpx.get(f"{server}/admin/status", headers=ADMIN, timeout=60).json()
     assert status["current"]["fingerprint"] == before and status["previous"] is None
-    assert 'zeda_model_swaps_total{kind="rejected"} 9.0' in httpx.get(f"{server}/metrics", timeout=60).text
+    assert _swaps(server, "rejected") - rejected_before == 9  # 4 broken candidates x 2 scopes + one missing
 
 
-async def _stream_until(url: str, deadline: float, client_id: int) -> list[dict]:
-    """Streamed completions back to back until ``deadline``; one record per request."""
-    records = []
-    async with httpx.AsyncClient(timeout=60) as client:
-        while time.monotonic() < deadline:
-            body = {
-                "model": "student",
-                "prompt": f"Sort: {client_id} {len(records)} 9 4",
-                "max_tokens": 24,
-                "temperature": 1.0,
-                "seed": client_id * 1000 + len(records),
-                "stream": True,
-            }
-            started = time.monotonic()
-            fingerprints, status, finished, first = set(), None, None, None
-            async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
-                status = response.status_code
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line.removeprefix("data: "))
-                    if "error" in chunk:
-                        status = 500
-                        continue
-                    fingerprints.add(chunk["system_fingerprint"])
-                    first = first or time.monotonic()
-                    if chunk["choices"] and chunk["choices"][0]["finish_reason"]:
-                        finished = chunk["choices"][0]["finish_reason"]
-            records.append(
-                {
-                    "started": started,
-                    "first": first,
-                    "ended": time.monotonic(),
-                    "status": status,
-                    "fps": fingerprints,
-                    "end": finished,
-                }
-            )
-    return records
+async def _stream(client: httpx.AsyncClient, url: str, body: dict, on_first_chunk=None) -> dict:
+    """One streamed completion: its status, finish reason, and (arrival time, fingerprint) of every chunk."""
+    started = time.monotonic()
+    chunks, status, finished = [], None, None
+    async with client.stream("POST", f"{url}/v1/completions", json=body | {"stream": True}) as response:
+        status = response.status_code
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line.removeprefix("data: "))
+            if "error" in chunk:
+                status = 500
+                continue
+            chunks.append((time.monotonic(), chunk["system_fingerprint"]))
+            if len(chunks) == 1 and on_first_chunk is not None:
+                on_first_chunk()
+            if chunk["choices"] and chunk["choices"][0]["finish_reason"]:
+                finished = chunk["choices"][0]["finish_reason"]
+    return {
+        "started": started,
+        "ended": time.monotonic(),
+        "status": status,
+        "end": finished,
+        "chunks": chunks,
+        "fps": {fp for _, fp in chunks},
+    }
+
+
+def _short(client_id: int, phase: str) -> dict:
+    return {
+        "model": "student",
+        "prompt": f"Sort: {client_id} {phase} 9 4",
+        "max_tokens": 24,
+        "temperature": 1.0,
+        "seed": client_id * 10 + len(phase),
+    }
+
+
+async def _client(url: str, client_id: int, mid_stream, swap_done: asyncio.Event) -> list[dict]:
+    """A short request, a long one that is mid-stream when the swap starts, then a short one after the swap."""
+    async with httpx.AsyncClient(timeout=300) as client:
+        before = await _stream(client, url, _short(client_id, "before"))
+        # Greedy decoding of this model does not stop early: the request lasts its max_tokens.
+        long = {"model": "student", "prompt": f"Sort: {client_id} 9 4", "max_tokens": LONG_TOKENS, "temperature": 0}
+        during = await _stream(client, url, long, on_first_chunk=mid_stream)
+        await swap_done.wait()
+        after = await _stream(client, url, _short(client_id, "after"))
+    return [before, during, after]
 
 
 def test_swap_under_16_streaming_clients_switches_version_without_failures(
     server: str, candidates: dict[str, Path]
 ) -> None:
     old = _complete(server)["system_fingerprint"]
+    swaps_before = {kind: _swaps(server, kind) for kind in ("swap", "rollback")}
 
     async def scenario():
-        start = time.monotonic()
-        load = [
-            asyncio.create_task(_stream_until(server, start + LOAD_SECONDS, client)) for client in range(LOAD_CLIENTS)
-        ]
-        await asyncio.sleep(SWAP_AT_SECONDS)
-        async with httpx.AsyncClient(timeout=120) as client:
+        all_mid_stream, swap_done, waiting = asyncio.Event(), asyncio.Event(), [LOAD_CLIENTS]
+
+        def mid_stream() -> None:
+            waiting[0] -= 1
+            if waiting[0] == 0:
+                all_mid_stream.set()
+
+        load = [asyncio.create_task(_client(server, c, mid_stream, swap_done)) for c in range(LOAD_CLIENTS)]
+        await all_mid_stream.wait()  # every client has a long request streaming: swap now
+        async with httpx.AsyncClient(timeout=300) as client:
             swap_sent = time.monotonic()
             body = {"checkpoint": str(candidates["good"]), "scope": "router"}
             response = await client.post(f"{server}/admin/swap", json=body, headers=ADMIN)
-            swap_done = time.monotonic()
-        return response, swap_sent, swap_done, [r for task in load for r in await task], time.monotonic() - start
+            swap_done_at = time.monotonic()
+        swap_done.set()
+        return response, swap_sent, swap_done_at, [r for task in load for r in await task]
 
-    response, swap_sent, swap_done, records, elapsed = asyncio.run(scenario())
+    response, swap_sent, swap_done, records = asyncio.run(scenario())
     assert response.status_code == 200, response.text
     new = response.json()["current"]["fingerprint"]
     assert new != old and response.json()["previous"]["fingerprint"] == old
-    assert elapsed >= 20.0
     assert all(r["status"] == 200 and r["end"] in {"stop", "length"} for r in records)
     assert all(len(r["fps"]) == 1 for r in records)  # a request never changes version mid-stream
     before = [r for r in records if r["ended"] < swap_sent]
     after = [r for r in records if r["started"] > swap_done]
-    assert before and after and len(records) >= 2 * LOAD_CLIENTS
+    assert len(before) >= LOAD_CLIENTS and len(after) == LOAD_CLIENTS and len(records) == 3 * LOAD_CLIENTS
     assert all(r["fps"] == {old} for r in before)
     assert all(r["fps"] == {new} for r in after)
-    in_flight = [r for r in records if r["first"] < swap_sent and r["ended"] > swap_done]
+    # Requests streaming across the swap: chunks before it was sent and after it was done, all on the old weights.
+    in_flight = [r for r in records if r["chunks"][0][0] < swap_sent and r["chunks"][-1][0] > swap_done]
     assert in_flight and all(r["fps"] == {old} for r in in_flight)  # they finished on the old weights
+    assert all(fp == old for r in in_flight for at, fp in r["chunks"] if at > swap_done)
 
     rolled = httpx.post(f"{server}/admin/rollback", headers=ADMIN, timeout=60)
     assert rolled.status_code == 200 and rolled.json()["current"]["fingerprint"] == old
     assert rolled.json()["previous"]["fingerprint"] == new
     assert _complete(server)["system_fingerprint"] == old
+    assert {kind: _swaps(server, kind) - count for kind, count in swaps_before.items()} == {"swap": 1, "rollback": 1}
     metrics = httpx.get(f"{server}/metrics", timeout=60).text
-    assert 'zeda_model_swaps_total{kind="swap"} 1.0' in metrics
-    assert 'zeda_model_swaps_total{kind="rollback"} 1.0' in metrics
     assert f'fingerprint="{old}"' in metrics and "zeda_model_info" in metrics
     assert httpx.get(f"{server}/dashboard/stats", timeout=60).json()["model_version"] == old
 

@@ -423,7 +423,9 @@ async def _stream_chunks(handle: _Handle, envelope: dict[str, Any], include_usag
             if not output.text and output.finish_reason is None:
                 continue
             choice = {"index": 0, **content(output.text), "finish_reason": output.finish_reason}
-            chunk = envelope | {"choices": [choice]}
+            # Each chunk names the version that produced its tokens, as the engine reports it per step.
+            fingerprint = output.fingerprint or envelope["system_fingerprint"]
+            chunk = envelope | {"system_fingerprint": fingerprint, "choices": [choice]}
             if output.finish_reason is not None and not include_usage:
                 chunk["usage"] = handle.usage()
             yield _event(chunk)
