@@ -115,9 +115,11 @@ def engine_arguments(
 ) -> dict[str, Any]:
     """Keyword arguments of ``sglang.Engine`` (``ServerArgs`` fields) for this platform.
 
-    On CPU: float32 unless a dtype is given, and a KV pool of at most ``max_batch`` full contexts
-    (``CPU_KV_TOKENS_CAP`` tokens) unless ``max_total_tokens`` says otherwise. On GPU: the Triton
-    MoE runner and SGLang's own sizing. ``extra`` (``--sglang-arg``) overrides everything but the
+    On CPU: float32 unless a dtype is given, a KV pool of at most ``max_batch`` full contexts
+    (``CPU_KV_TOKENS_CAP`` tokens) unless ``max_total_tokens`` says otherwise, and no overlap
+    scheduling (it overlaps nothing on one CPU device, and runs one more decode step for every
+    finished request, whose routing no request reports). On GPU: the Triton MoE runner and
+    SGLang's own sizing and scheduling. ``extra`` (``--sglang-arg``) overrides everything but the
     settings ZEDA needs: the routed-experts return and unfused shared experts.
     """
     args: dict[str, Any] = {
@@ -127,7 +129,7 @@ def engine_arguments(
         "tp_size": tp_size,
     }
     if platform.on_cpu:
-        args |= {"device": "cpu", "dtype": "float32" if dtype == "auto" else dtype}
+        args |= {"device": "cpu", "dtype": "float32" if dtype == "auto" else dtype, "disable_overlap_schedule": True}
         args["max_total_tokens"] = max_total_tokens or min(max_batch * context_length, CPU_KV_TOKENS_CAP)
     else:
         args |= {"moe_runner_backend": "triton"}

@@ -1,0 +1,161 @@
+"""``zeda serve --backend sglang`` for real: SGLang's engine on CPU behind the OpenAI API, no stub.
+
+Each server here is a real ``zeda serve`` process on loopback (SGLang's CPU engine, float32), driven
+with the ``openai`` SDK and compared with the torch backend serving the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from sglang_guard import sglang_marks
+
+from zeda_core import inject_zero_experts, load_model, save_model
+from zeda_core.families import FAMILIES
+from zeda_core.flops import expert_slot_flops
+from zeda_core.losses import token_logprobs
+from zeda_server.launch import running_server
+
+pytestmark = [*sglang_marks(), pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_ZEDA, TINY_TEACHER = ROOT / "models" / "tiny-zeda", ROOT / "models" / "tiny-teacher"
+SGLANG_START_S = 600.0
+# Exact accounting: with SGLang's prefix cache on, a shared prompt prefix is routed (and reported)
+# but not computed again, so the MoE forward would count fewer slots than usage reports.
+SGLANG = ("--backend", "sglang", "--sglang-arg", "disable_radix_cache=true")
+PROMPTS = [
+    "What is 12 + 30?",
+    "What is 7 + 5?",
+    "Reverse: abcde",
+    "Copy: hello world",
+    "Sort: 3 1 2",
+    "Write a Python function that adds two numbers.",
+]
+ZEDA_KEYS = ("expert_flops", "expert_flops_saved", "dense_expert_flops")
+
+
+@pytest.fixture(scope="module")
+def torch_url():
+    with running_server(TINY_ZEDA) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def sglang_url():
+    with running_server(TINY_ZEDA, *SGLANG, "--max-batch", "16", startup_timeout=SGLANG_START_S) as url:
+        yield url
+
+
+def metric(url: str, name: str, labels: str = "") -> float:
+    """One sample of ``/metrics`` (0 when absent)."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    match = re.search(rf"^{name}{re.escape(labels)} ([0-9.e+-]+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def moe_forward_slots(url: str) -> tuple[float, float]:
+    """(computed, skipped) slots counted inside SGLang's CPU MoE forward since the server started."""
+    return (
+        metric(url, "zeda_moe_forward_slots", '{kind="computed"}'),
+        metric(url, "zeda_moe_forward_slots", '{kind="skipped"}'),
+    )
+
+
+def chat(url: str, prompt: str, max_tokens: int = 24):
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
+    return client.chat.completions.create(
+        model="tiny-zeda", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0
+    )
+
+
+def assert_same_usage(got: dict, expected: dict) -> None:
+    assert got["zero_expert_ratio"] == pytest.approx(expected["zero_expert_ratio"], abs=1e-6)
+    for key in ZEDA_KEYS:
+        assert got[key] == pytest.approx(expected[key], rel=1e-6), key
+
+
+def test_greedy_replies_and_usage_equal_the_torch_backend(torch_url: str, sglang_url: str) -> None:
+    saved = 0.0
+    for prompt in PROMPTS:
+        expected, got = chat(torch_url, prompt), chat(sglang_url, prompt)
+        assert got.choices[0].message.content == expected.choices[0].message.content, prompt
+        assert got.choices[0].finish_reason == expected.choices[0].finish_reason
+        assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (
+            expected.usage.prompt_tokens,
+            expected.usage.completion_tokens,
+        )
+        assert_same_usage(got.usage.model_extra["zeda"], expected.usage.model_extra["zeda"])
+        saved += got.usage.model_extra["zeda"]["expert_flops_saved"]
+    assert saved > 0  # the ZEDA model does route to zero experts, so the comparison means something
+
+
+def test_streaming_with_usage_and_completions_with_echo_and_logprobs(torch_url: str, sglang_url: str) -> None:
+    client = openai.OpenAI(base_url=f"{sglang_url}/v1", api_key="none")
+    whole = chat(sglang_url, PROMPTS[0])
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny-zeda",
+            messages=[{"role": "user", "content": PROMPTS[0]}],
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert_same_usage(chunks[-1].usage.model_extra["zeda"], whole.usage.model_extra["zeda"])
+
+    def complete(url: str):
+        sdk = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
+        return sdk.completions.create(
+            model="tiny-zeda", prompt="def add(a, b):", max_tokens=12, temperature=0, echo=True, logprobs=1
+        )
+
+    expected, got = complete(torch_url), complete(sglang_url)
+    assert got.choices[0].text == expected.choices[0].text and got.choices[0].text.startswith("def add(a, b):")
+    assert got.choices[0].logprobs.tokens == expected.choices[0].logprobs.tokens
+    torch.testing.assert_close(
+        torch.tensor(got.choices[0].logprobs.token_logprobs),
+        torch.tensor(expected.choices[0].logprobs.token_logprobs),
+        rtol=0,
+        atol=1e-4,
+    )
+    assert_same_usage(got.usage.model_extra["zeda"], expected.usage.model_extra["zeda"])
+
+
+async def _concurrent_chats(url: str, prompts: list[str]) -> list:
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none")
+    calls = [
+        client.chat.completions.create(
+            model="tiny-zeda", messages=[{"role": "user", "content": p}], max_tokens=32, temperature=0
+        )
+        for p in prompts
+    ]
+    return await asyncio.gather(*calls)
+
+
+def test_16_concurrent_requests_add_up_and_no_zero_slot_is_computed(sglang_url: str) -> None:
+    config = json.loads((TINY_ZEDA / "config.json").read_text())
+    slot_flops = expert_slot_flops(config["hidden_size"], config["moe_intermediate_size"])
+    before = {key: metric(sglang_url, f"zeda_{key}_total") for key in ZEDA_KEYS}
+    computed_before, skipped_before = moe_forward_slots(sglang_url)
+    prompts = [f"What is {i} + {2 * i + 1}?" for i in range(16)]
+    replies = asyncio.run(_concurrent_chats(sglang_url, prompts))
+    usages = [r.usage.model_extra["zeda"] for r in replies]
+    for key in ZEDA_KEYS:
+        assert metric(sglang_url, f"zeda_{key}_total") - before[key] == pytest.approx(sum(u[key] for u in usages))
+    real = sum(u["expert_flops"] for u in usages) / slot_flops
+    zero = sum(u["expert_flops_saved"] for u in usages) / slot_flops
+    computed, skipped = moe_forward_slots(sglang_url)
+    assert zero > 0 and computed_before > 0
+    # The MoE forward ran exactly the real slots the routed-experts return reports, and skipped every zero slot.
+    assert (computed - computed_before, skipped - skipped_before) == (real, zero)
