@@ -159,3 +159,63 @@ def test_16_concurrent_requests_add_up_and_no_zero_slot_is_computed(sglang_url: 
     assert zero > 0 and computed_before > 0
     # The MoE forward ran exactly the real slots the routed-experts return reports, and skipped every zero slot.
     assert (computed - computed_before, skipped - skipped_before) == (real, zero)
+
+
+SEQUENCES = [[1, 5, 9, 13, 2, 40, 77, 301], [1, 7, 3, 900, 12]]
+
+
+def served_logprobs(url: str, model: str, sequences: list[list[int]]) -> list[torch.Tensor]:
+    """Log-probs of tokens 1.. of each sequence, from the server's echo scoring."""
+    body = {"model": model, "prompt": sequences, "echo": True, "max_tokens": 0, "logprobs": 0}
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return [torch.tensor(c["logprobs"]["token_logprobs"][1:]) for c in response.json()["choices"]]
+
+
+def zeda_core_logprobs(checkpoint: Path, sequences: list[list[int]]) -> list[torch.Tensor]:
+    """The same log-probs from ``zeda_core.load_model`` in float32."""
+    model = load_model(checkpoint, dtype=torch.float32).eval()
+    scores = []
+    with torch.no_grad():
+        for sequence in sequences:
+            ids = torch.tensor([sequence])
+            scores.append(token_logprobs(model(input_ids=ids).logits[:, :-1], ids[:, 1:])[0])
+    return scores
+
+
+def assert_serves(url: str, model: str, checkpoint: Path) -> None:
+    for got, expected in zip(served_logprobs(url, model, SEQUENCES), zeda_core_logprobs(checkpoint, SEQUENCES)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny_glm(tmp_path_factory) -> Path:
+    """A random GLM4-MoE-Lite (sigmoid routing, correction bias, a shared expert, MLA) with 4 zero experts."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = FAMILIES["glm4_moe_lite"].tiny_config()
+    config.vocab_size = 1024  # the committed tokenizer's
+    model = AutoModelForCausalLM.from_config(config)
+    inject_zero_experts(model, 4, init="gaussian", seed=0)
+    return save_model(model, tmp_path_factory.mktemp("glm") / "glm", side_files_from=TINY_TEACHER)
+
+
+def test_both_families_serve_the_log_probs_of_zeda_core(sglang_url: str, tiny_glm: Path) -> None:
+    assert_serves(sglang_url, "tiny-zeda", TINY_ZEDA)
+    with running_server(TINY_TEACHER, "--backend", "sglang", startup_timeout=SGLANG_START_S) as url:
+        assert_serves(url, "tiny-teacher", TINY_TEACHER)  # the plain class: fused experts and tied embeddings
+    with running_server(tiny_glm, "--backend", "sglang", startup_timeout=SGLANG_START_S) as url:
+        assert_serves(url, "glm", tiny_glm)
+        usage = httpx.post(
+            f"{url}/v1/completions", json={"model": "glm", "prompt": [1, 5, 9], "max_tokens": 8}, timeout=120
+        ).json()["usage"]["zeda"]
+        assert usage["zero_expert_ratio"] > 0
+
+
+def test_tensor_parallel_ranks_give_the_same_greedy_replies(torch_url: str) -> None:
+    with running_server(TINY_ZEDA, "--backend", "sglang", "--tp-size", "2", startup_timeout=SGLANG_START_S) as url:
+        for prompt in PROMPTS[:3]:
+            expected, got = chat(torch_url, prompt), chat(url, prompt)
+            assert got.choices[0].message.content == expected.choices[0].message.content, prompt
+            assert_same_usage(got.usage.model_extra["zeda"], expected.usage.model_extra["zeda"])

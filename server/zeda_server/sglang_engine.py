@@ -50,16 +50,16 @@ SERVED_MODEL_TYPES = ("qwen3_moe", "qwen3_moe_plus_plus", "glm4_moe_lite", "glm4
 CPU_KV_TOKENS_CAP = 65_536
 
 
-def moe_layer_count(config: Any) -> int:
-    """MoE layers of a Qwen3-MoE or GLM4-MoE-Lite config."""
+def moe_layer_indices(config: Any) -> list[int]:
+    """Indices of the MoE layers of a Qwen3-MoE or GLM4-MoE-Lite config."""
     layers = int(config.num_hidden_layers)
     kinds = getattr(config, "mlp_layer_types", None)
     if kinds is not None:
-        return sum(1 for kind in kinds if kind != "dense")
+        return [i for i, kind in enumerate(kinds) if kind != "dense"]
     dense = int(getattr(config, "first_k_dense_replace", 0) or 0)
     only_mlp = set(getattr(config, "mlp_only_layers", []) or [])
     step = int(getattr(config, "decoder_sparse_step", 1) or 1)
-    return sum(1 for i in range(dense, layers) if i not in only_mlp and (i + 1) % step == 0)
+    return [i for i in range(dense, layers) if i not in only_mlp and (i + 1) % step == 0]
 
 
 def served_routing_spec(config: Any) -> RoutingSpec:
@@ -87,16 +87,18 @@ def flop_model_of(config: Any) -> FlopModel:
     return FlopModel(
         slot_flops=expert_slot_flops(int(config.hidden_size), int(config.moe_intermediate_size)),
         top_k=spec.top_k,
-        moe_layers=moe_layer_count(config),
+        moe_layers=len(moe_layer_indices(config)),
         shared_flops_per_token=0,
         other_flops_per_token=0,
         attention_flops_per_context_token=0,
     )
 
 
-def slot_counts_from_meta(meta: dict[str, Any], flop_model: FlopModel, num_experts: int) -> torch.Tensor:
-    """[L, 2] (real, zero) slots of one request from SGLang's ``meta_info`` (prompt + output - 1 tokens)."""
-    return routed_slot_counts(meta["routed_experts"], flop_model.moe_layers, flop_model.top_k, num_experts)
+def slot_counts_from_meta(meta: dict[str, Any], config: Any, num_experts: int) -> torch.Tensor:
+    """[MoE layers, 2] (real, zero) slots of one request from SGLang's ``meta_info`` (prompt + output - 1 tokens)."""
+    top_k = int(config.num_experts_per_tok)
+    layers = int(config.num_hidden_layers)
+    return routed_slot_counts(meta["routed_experts"], layers, top_k, num_experts, moe_layer_indices(config))
 
 
 def report_of(counts: torch.Tensor, flop_model: FlopModel) -> FlopReport:
@@ -193,7 +195,7 @@ class SglangEngine:
 
         register_configs()
         checkpoint = resolve_checkpoint(model_path)
-        config = AutoConfig.from_pretrained(checkpoint)
+        self.config = config = AutoConfig.from_pretrained(checkpoint)
         self.spec = served_routing_spec(config)
         self.flop_model = flop_model_of(config)
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -265,7 +267,7 @@ class SglangEngine:
                 output = StepOutput(delta, new, logprobs, fingerprint=self.fingerprint)
                 if finish is not None:
                     output.finish_reason = "length" if finish.get("type") == "length" else "stop"
-                    counts = slot_counts_from_meta(meta, self.flop_model, self.spec.num_experts)
+                    counts = slot_counts_from_meta(meta, self.config, self.spec.num_experts)
                     output.report = report_of(counts, self.flop_model)
                     output.prompt_tokens, output.completion_tokens = len(prompt_ids), len(generated)
                 yield output
@@ -288,7 +290,7 @@ class SglangEngine:
         for sequence, result in zip(sequences, results, strict=True):
             values = [entry[0] for entry in result["meta_info"]["input_token_logprobs"]][1 : len(sequence)]
             scores.append([float(v) for v in values])
-            total += slot_counts_from_meta(result["meta_info"], self.flop_model, self.spec.num_experts)
+            total += slot_counts_from_meta(result["meta_info"], self.config, self.spec.num_experts)
         return scores, report_of(total, self.flop_model), fingerprint
 
     def versions(self) -> dict[str, Any]:

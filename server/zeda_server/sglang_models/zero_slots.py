@@ -33,17 +33,18 @@ def hand_off_zero_slots(
     return ids, weights
 
 
-def routed_slot_counts(encoded: str, num_layers: int, top_k: int, num_experts: int) -> torch.Tensor:
-    """[L, 2] int64 (real, zero) slot counts of one request from SGLang's ``meta_info["routed_experts"]``.
+def routed_slot_counts(encoded: str, num_layers: int, top_k: int, num_experts: int, moe_layers: list[int]) -> torch.Tensor:
+    """[len(moe_layers), 2] int64 (real, zero) slot counts of one request from ``meta_info["routed_experts"]``.
 
     Args:
-        encoded: base64 of little-endian int32 ids, shape [tokens, layers, top_k].
-        num_layers: MoE layers the capture covers.
+        encoded: base64 of little-endian int32 ids, shape [tokens, num_layers, top_k].
+        num_layers: decoder layers the capture covers (all of them: dense layers' rows are unused).
         top_k: slots per token.
         num_experts: N; ids ``>= N`` are zero slots.
+        moe_layers: indices of the MoE layers among the ``num_layers``.
 
     Raises:
-        ZedaError: the payload is not base64 or its size is not a multiple of ``layers * top_k``.
+        ZedaError: the payload is not base64 or its size is not a multiple of ``num_layers * top_k``.
     """
     try:
         raw = base64.b64decode(encoded, validate=True)
@@ -53,6 +54,7 @@ def routed_slot_counts(encoded: str, num_layers: int, top_k: int, num_experts: i
     if len(raw) % per_token:
         raise ZedaError(f"routed_experts has {len(raw)} bytes, not a multiple of {num_layers} x {top_k} int32")
     ids = torch.from_numpy(np.frombuffer(raw, dtype="<i4").astype(np.int64)).view(-1, num_layers, top_k)
+    ids = ids[:, moe_layers]
     zero = (ids >= num_experts).sum(dim=(0, 2))
     real = ids.shape[0] * top_k - zero
     return torch.stack([real, zero], dim=1).long()
