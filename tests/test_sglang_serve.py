@@ -184,7 +184,8 @@ def zeda_core_logprobs(checkpoint: Path, sequences: list[list[int]]) -> list[tor
 
 
 def assert_serves(url: str, model: str, checkpoint: Path) -> None:
-    for got, expected in zip(served_logprobs(url, model, SEQUENCES), zeda_core_logprobs(checkpoint, SEQUENCES)):
+    served, reference = served_logprobs(url, model, SEQUENCES), zeda_core_logprobs(checkpoint, SEQUENCES)
+    for got, expected in zip(served, reference, strict=True):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
 
 

@@ -33,7 +33,9 @@ def hand_off_zero_slots(
     return ids, weights
 
 
-def routed_slot_counts(encoded: str, num_layers: int, top_k: int, num_experts: int, moe_layers: list[int]) -> torch.Tensor:
+def routed_slot_counts(
+    encoded: str, num_layers: int, top_k: int, num_experts: int, moe_layers: list[int]
+) -> torch.Tensor:
     """[len(moe_layers), 2] int64 (real, zero) slot counts of one request from ``meta_info["routed_experts"]``.
 
     Args:
