@@ -1,7 +1,7 @@
-"""The SGLang plugin on CPU: registration, config parsing, weight names, the zero-slot hand-off.
-
-SGLang's engine needs a GPU; its model modules import here. `.ci/run` installs the `sglang` extra,
-so in CI these tests run (a missing SGLang fails them there instead of skipping).
+"""The SGLang plugin's parts: registration, config parsing, weight names, the zero-slot hand-off and
+capture, the CPU MoE forward, the launcher's settings. ``test_sglang_serve.py`` runs them together in
+SGLang's real engine. `.ci/run` installs the `sglang` extra, so in CI these tests run (a missing
+SGLang fails them there instead of skipping).
 """
 
 import json
@@ -120,19 +120,110 @@ def test_zero_aware_topk_routes_like_zeda_core_and_skips_zero_slots() -> None:
     assert empty.topk_ids.shape == (0, 2)
 
 
-def test_runners_that_cannot_skip_zero_slots_are_refused() -> None:
-    from zeda_server.sglang_models.zero_aware import check_experts_skip_zero_slots
+def test_only_forwards_that_skip_zero_slots_are_accepted_and_the_cpu_one_computes_real_slots_only() -> None:
+    """In a process on SGLang's CPU platform: refusals, and the zero-skipping forward against references."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "sglang_cpu_process.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
-    class Experts(torch.nn.Module):
-        def __init__(self, runner: str, shared: int = 0) -> None:
-            super().__init__()
-            self.runner_backend, self.num_fused_shared_experts = runner, shared
 
-    check_experts_skip_zero_slots(Experts("MoeRunnerBackend.TRITON"), 0)
-    with pytest.raises(ZedaError, match="does not skip zero slots"):
-        check_experts_skip_zero_slots(Experts("flashinfer_trtllm"), 3)
-    with pytest.raises(ZedaError, match="fused shared experts"):
-        check_experts_skip_zero_slots(Experts("triton", shared=1), 3)
+def test_routed_experts_are_captured_before_zero_slots_become_skipped() -> None:
+    """The capture must see ids >= N for zero slots: after the -1 hand-off they would count as real."""
+    from sglang.srt.state_capturer import routed_experts
+    from transformers import AutoConfig
+
+    from zeda_server.sglang_models.zero_aware import ZeroAwareTopK, routing_spec_of
+
+    class Capture:
+        def __init__(self) -> None:
+            self.ids: dict[int, torch.Tensor] = {}
+
+        def capture(self, layer_id: int, topk_indices: torch.Tensor) -> None:
+            self.ids[layer_id] = topk_indices.clone()
+
+    spec = routing_spec_of(AutoConfig.from_pretrained(TINY_ZEDA))
+    logits = torch.randn(32, spec.num_rows, generator=torch.Generator().manual_seed(2))
+    capture = Capture()
+    routed_experts.set_global_experts_capturer(capture)
+    try:
+        output = ZeroAwareTopK(spec, layer_id=3)(torch.zeros(32, 128), logits)
+    finally:
+        routed_experts.set_global_experts_capturer(None)
+    expected = route(logits, spec).topk_ids.int()
+    assert torch.equal(capture.ids[3], expected) and bool((expected >= spec.num_experts).any())
+    assert torch.equal(output.topk_ids == -1, expected >= spec.num_experts)
+
+
+def test_slot_counter_file_is_shared_between_processes(tmp_path: Path) -> None:
+    from zeda_server.sglang_models.slot_counter import COUNTER_ENV, create_slot_counter_file, read_slot_counter
+
+    path = create_slot_counter_file(tmp_path / "slots.bin")
+    script = (
+        "from zeda_server.sglang_models.slot_counter import SLOT_COUNTER\n"
+        "import sglang.srt.distributed.parallel_state as ps\n"
+        "ps.get_tensor_model_parallel_rank = lambda: 0\n"
+        "SLOT_COUNTER.add(5, 3); SLOT_COUNTER.add(2, 1)\n"
+    )
+    env = {**os.environ, COUNTER_ENV: str(path)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert read_slot_counter(path) == (7, 4)
+    assert read_slot_counter(create_slot_counter_file(path)) == (0, 0)
+
+
+def test_launcher_settings_for_sglang(tmp_path: Path) -> None:
+    from zeda_server.sglang_engine import CPU_KV_TOKENS_CAP, engine_arguments, parse_sglang_args
+    from zeda_server.sglang_env import SglangPlatform, cores_per_rank
+
+    cpu, gpu = SglangPlatform("cpu"), SglangPlatform("cuda")
+    args = engine_arguments(cpu, "auto", 32, 1024, None, 1, {})
+    assert args["device"] == "cpu" and args["dtype"] == "float32" and args["disable_overlap_schedule"]
+    assert args["max_total_tokens"] == min(32 * 1024, CPU_KV_TOKENS_CAP) and args["enable_return_routed_experts"]
+    assert engine_arguments(cpu, "bfloat16", 4, 1024, 999, 2, {"chunked_prefill_size": 64}) == args | {
+        "dtype": "bfloat16",
+        "max_total_tokens": 999,
+        "max_running_requests": 4,
+        "tp_size": 2,
+        "chunked_prefill_size": 64,
+    }
+    on_gpu = engine_arguments(gpu, "auto", 32, 1024, None, 1, {})
+    assert on_gpu["moe_runner_backend"] == "triton" and not {"device", "dtype", "max_total_tokens"} & set(on_gpu)
+    with pytest.raises(ZedaError, match="enable_return_routed_experts cannot be changed"):
+        engine_arguments(gpu, "auto", 32, 1024, None, 1, {"enable_return_routed_experts": False})
+    assert parse_sglang_args(["disable-radix-cache=true", "ep_size=2", "attention_backend=torch_native"]) == {
+        "disable_radix_cache": True,
+        "ep_size": 2,
+        "attention_backend": "torch_native",
+    }
+    with pytest.raises(ZedaError, match="expected KEY=VALUE"):
+        parse_sglang_args(["tp_size"])
+    assert cores_per_rank([0, 1], 2) == "0|1" and cores_per_rank(list(range(8)), 2) == "0-3|4-7"
+    with pytest.raises(ZedaError, match="needs at least 4 CPU cores"):
+        cores_per_rank([0, 1], 4)
+
+
+def test_glm_configs_of_transformers_5_for_sglang(tmp_path: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from zeda_server.sglang_engine import moe_layer_indices
+    from zeda_server.sglang_models.models import leading_dense_layers
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(FAMILIES["glm4_moe_lite"].tiny_config())
+    inject_zero_experts(model, 2, init="gaussian")
+    config = AutoConfig.from_pretrained(save_model(model, tmp_path / "glm"))
+    assert config.architectures == ["Glm4MoeLitePlusPlusForCausalLM", "Glm4MoeLiteForCausalLM"]  # MLA cache sizing
+    assert config.to_dict()["architectures"] == ["Glm4MoeLitePlusPlusForCausalLM"]
+    assert leading_dense_layers(config) == 1 and moe_layer_indices(config) == [1, 2]
+    config.mlp_layer_types = ["sparse", "dense", "sparse"]
+    with pytest.raises(ZedaError, match="only before the first MoE layer"):
+        leading_dense_layers(config)
 
 
 def test_zeda_loads_the_same_checkpoint_in_torch() -> None:
@@ -145,15 +236,15 @@ def test_sglang_engine_usage_from_routed_experts() -> None:
     import numpy as np
     from transformers import AutoConfig
 
-    from zeda_server.sglang_engine import flop_model_of, moe_layer_count, report_of, slot_counts_from_meta
+    from zeda_server.sglang_engine import flop_model_of, moe_layer_indices, report_of, slot_counts_from_meta
 
     config = AutoConfig.from_pretrained(TINY_ZEDA)
     flop_model = flop_model_of(config)
-    assert moe_layer_count(config) == 4 and flop_model.top_k == 2
+    assert moe_layer_indices(config) == [0, 1, 2, 3] and flop_model.top_k == 2
     assert flop_model.slot_flops == FlopModel.from_model(load_model(TINY_ZEDA)).slot_flops
     ids = np.full((5, 4, 2), 3, dtype="<i4")  # 5 tokens, 4 layers, K = 2
     ids[:, :, 1] = 9  # every second slot is a zero slot (N = 8)
     meta = {"routed_experts": base64.b64encode(ids.tobytes()).decode()}
-    report = report_of(slot_counts_from_meta(meta, flop_model, num_experts=8), flop_model)
+    report = report_of(slot_counts_from_meta(meta, config, num_experts=8), flop_model)
     assert report.tokens == 5 and report.zero_expert_ratio == 0.5
     assert report.expert_flops == report.expert_flops_saved == 5 * 4 * flop_model.slot_flops

@@ -23,11 +23,20 @@ def test_zero_slots_become_skipped_with_zero_weight() -> None:
 def test_routed_experts_payload_counts_real_and_zero_slots() -> None:
     ids = np.array([[[0, 9], [8, 1]], [[2, 3], [10, 11]], [[12, 4], [5, 6]]], dtype="<i4")  # [3 tokens, 2 layers, K=2]
     encoded = base64.b64encode(ids.tobytes()).decode()
-    counts = routed_slot_counts(encoded, num_layers=2, top_k=2, num_experts=8)
+    counts = routed_slot_counts(encoded, num_layers=2, top_k=2, num_experts=8, moe_layers=[0, 1])
     assert counts.tolist() == [[4, 2], [3, 3]]
+
+
+def test_rows_of_dense_layers_are_not_counted() -> None:
+    """The capture holds a row per decoder layer; a dense layer's row is never written (zeros)."""
+    ids = np.zeros((2, 3, 2), dtype="<i4")  # [2 tokens, 3 layers (layer 0 dense), K=2]
+    ids[:, 1] = [[9, 1], [2, 3]]
+    ids[:, 2] = [[10, 11], [4, 12]]
+    counts = routed_slot_counts(base64.b64encode(ids.tobytes()).decode(), 3, 2, 8, moe_layers=[1, 2])
+    assert counts.tolist() == [[3, 1], [1, 3]]
 
 
 @pytest.mark.parametrize(("payload", "message"), [("%%%", "not base64"), (base64.b64encode(b"abc").decode(), "bytes")])
 def test_bad_routed_experts_payload(payload: str, message: str) -> None:
     with pytest.raises(ZedaError, match=message):
-        routed_slot_counts(payload, num_layers=2, top_k=2, num_experts=8)
+        routed_slot_counts(payload, num_layers=2, top_k=2, num_experts=8, moe_layers=[0, 1])
