@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from zeda_kernels import configs
@@ -92,6 +93,27 @@ def test_roofline_bench_json_and_markdown(tmp_path: Path) -> None:
     assert result["read_bandwidth_gbs"] > 0 and result["attainable_gflops"] >= result["square_gemm_gflops"] > 0
     # Halving the arithmetic over the same weights gains between 1x and 2x under either model.
     assert 1.0 <= result["bound_no_overlap"] <= 2.0 and 1.0 <= result["bound_full_overlap"] <= 2.0
+    # Those bounds hold for any positive inputs; what the bench must get right is how it derives them
+    # from what it measured. The attainable rate is the best float32 rate measured:
+    float32 = [path for path in result["paths"].values() if path["dtype"] == "float32"]
+    assert len(float32) == 2
+    assert result["attainable_gflops"] == max(result["square_gemm_gflops"], *(p["gflops_at_r0"] for p in float32))
+    # every expert pass rate is its FLOPs over its measured time;
+    shape = SHAPES["tiny-teacher"]
+    flops = {rows: shape.experts * rows * 2 * 3 * shape.hidden * shape.inter for rows in (16, 8)}
+    for path in result["paths"].values():
+        assert path["gflops_at_r0"] == pytest.approx(flops[16] / path["ms"]["16"] / 1e6)
+    # streaming the float32 expert weights takes their bytes over the read bandwidth;
+    weight_bytes = shape.experts * 3 * shape.hidden * shape.inter * 4
+    assert result["expert_weights_gb"] == pytest.approx(weight_bytes / 1e9)
+    stream = weight_bytes / result["read_bandwidth_gbs"] / 1e6
+    assert result["weight_stream_ms"] == pytest.approx(stream)
+    # the arithmetic at r = 0 and r = 0.5 runs at the attainable rate, and the bounds combine the two.
+    compute = {key: flops[rows] / result["attainable_gflops"] / 1e6 for key, rows in (("r=0", 16), ("r=0.5", 8))}
+    assert result["compute_ms"] == pytest.approx(compute)
+    dense, half = compute["r=0"], compute["r=0.5"]
+    assert result["bound_no_overlap"] == pytest.approx((stream + dense) / (stream + half))
+    assert result["bound_full_overlap"] == pytest.approx(max(stream, dense) / max(stream, half))
     assert set(result["paths"]) == {
         "F.linear (torch reference)",
         "oneDNN, weights prepacked",
