@@ -220,3 +220,56 @@ def test_tensor_parallel_ranks_give_the_same_greedy_replies(torch_url: str) -> N
             expected, got = chat(torch_url, prompt), chat(url, prompt)
             assert got.choices[0].message.content == expected.choices[0].message.content, prompt
             assert_same_usage(got.usage.model_extra["zeda"], expected.usage.model_extra["zeda"])
+
+
+ADMIN = {"Authorization": "Bearer admin-secret"}
+
+
+@pytest.fixture(scope="module")
+def swap_candidates(tmp_path_factory) -> dict[str, Path]:
+    """Retrained router rows of tiny-zeda, all weights changed, and a candidate with a NaN gate."""
+    root = tmp_path_factory.mktemp("sglang-candidates")
+    generator = torch.Generator().manual_seed(3)
+    model = load_model(TINY_ZEDA)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                param.add_(0.5 * torch.randn(param.shape, generator=generator))
+    router = save_model(model, root / "router", side_files_from=TINY_ZEDA)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(1.0 + 0.05 * torch.randn(param.shape, generator=generator))
+    everything = save_model(model, root / "all", side_files_from=TINY_ZEDA)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if n.endswith("mlp.gate.weight"))[0, 0] = float("nan")
+    nan = save_model(model, root / "nan", side_files_from=TINY_ZEDA)
+    return {"router": router, "all": everything, "nan": nan}
+
+
+def test_swaps_and_rollback_serve_the_candidates_weights(swap_candidates: dict[str, Path]) -> None:
+    """Router rows through update_weights_from_tensor, whole checkpoints from disk, each really served."""
+    with running_server(TINY_ZEDA, "--backend", "sglang", "--admin-key", "admin-secret", startup_timeout=600) as url:
+
+        def swap(checkpoint: Path, scope: str) -> httpx.Response:
+            body = {"checkpoint": str(checkpoint), "scope": scope}
+            return httpx.post(f"{url}/admin/swap", json=body, headers=ADMIN, timeout=600)
+
+        original = httpx.get(f"{url}/health").json()["system_fingerprint"]
+        for scope in ("router", "all"):
+            refused = swap(swap_candidates["nan"], scope)
+            assert refused.status_code == 422 and "non-finite" in refused.json()["error"]["message"]
+        assert_serves(url, "tiny-zeda", TINY_ZEDA)
+
+        routed = swap(swap_candidates["router"], "router")
+        assert routed.status_code == 200, routed.text
+        assert routed.json()["current"]["scope"] == "router" and routed.json()["previous"]["fingerprint"] == original
+        assert_serves(url, "tiny-zeda", swap_candidates["router"])  # only its router rows differ from tiny-zeda
+
+        whole = swap(swap_candidates["all"], "all")
+        assert whole.status_code == 200, whole.text
+        assert_serves(url, "tiny-zeda", swap_candidates["all"])
+
+        back = httpx.post(f"{url}/admin/rollback", headers=ADMIN, timeout=600)
+        assert back.status_code == 200 and back.json()["current"] == routed.json()["current"]
+        assert_serves(url, "tiny-zeda", swap_candidates["router"])
+        assert chat(url, PROMPTS[0]).system_fingerprint == routed.json()["current"]["fingerprint"]

@@ -350,14 +350,28 @@ class SglangEngine:
             raise CandidateRejected(f"SGLang refused the weights: {message}")
 
     async def _update_from_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        from sglang.srt.managers.io_struct import UpdateWeightsFromTensorReqInput
+        """Load router tensors inside a weight-update session (SGLang 0.5.23 requires one)."""
+        from sglang.srt.managers.io_struct import (
+            BeginWeightUpdateReqInput,
+            EndWeightUpdateReqInput,
+            UpdateWeightsFromTensorReqInput,
+        )
 
+        manager = self.engine.tokenizer_manager
         named = [(name, tensor) for name, tensor in tensors.items() if ROUTER_KEY.search(name)]
         payload = self.engine._serialize_tensors_per_rank(named, None)
-        request = UpdateWeightsFromTensorReqInput(serialized_named_tensors=payload)
-        success, message = await self.engine.tokenizer_manager.update_weights_from_tensor(request, None)
+        opened, message = await manager.begin_weight_update(BeginWeightUpdateReqInput(), None)
+        if not opened:
+            raise CandidateRejected(f"SGLang opened no weight-update session: {message}")
+        try:
+            request = UpdateWeightsFromTensorReqInput(serialized_named_tensors=payload)
+            success, message = await manager.update_weights_from_tensor(request, None)
+        finally:
+            closed, end_message = await manager.end_weight_update(EndWeightUpdateReqInput(), None)
         if not success:
             raise CandidateRejected(f"SGLang refused the router weights: {message}")
+        if not closed:
+            raise CandidateRejected(f"SGLang could not close the weight update: {end_message}")
 
     async def _smoke_test(self) -> None:
         """A few greedy tokens on the weights just loaded; raises if they cannot be generated."""
