@@ -22,7 +22,7 @@ FLAGS = {
     "--max-batch": (int, "requests decoded together"),
     "--max-queue": (int, "requests held before answering 429"),
     "--max-tokens-cap": (int, "largest max_tokens a request may ask for"),
-    "--max-total-tokens": (int, "sglang: KV-cache pool in tokens (CPU default: max-batch full contexts, at most 65536)"),
+    "--max-total-tokens": (int, "sglang: KV-cache pool in tokens (CPU default: max-batch contexts, at most 65536)"),
     "--tp-size": (int, "sglang: tensor-parallel ranks"),
     "--capture-db": (str, "capture prompts into this SQLite file (off when unset)"),
     "--capture-completions": (str, "also capture completions (true/false)"),
