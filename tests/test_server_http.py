@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 import torch
+from api_checks import API_KEY, CHAT, GOOD_MESSAGES, INVALID_REQUESTS, assert_refused
 from transformers import AutoTokenizer
 
 from zeda_core import load_model
@@ -19,8 +20,6 @@ from zeda_server.engine import chat_prompt_ids
 from zeda_server.launch import running_server
 from zeda_trainer.generation import generate
 from zeda_trainer.teacher import LocalTeacher, RemoteTeacher
-
-API_KEY = "test-key"
 
 
 @pytest.fixture(scope="module")
@@ -154,39 +153,9 @@ def test_remote_teacher_scores_like_the_local_one(server: str, small_student: Pa
         torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=1e-5)
 
 
-CHAT = "/v1/chat/completions"
-GOOD_MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-@pytest.mark.parametrize(
-    ("path", "body", "status", "fragment"),
-    [
-        (CHAT, b"{not json", 400, "not valid JSON"),
-        (CHAT, {"model": "student", "messages": "hi"}, 400, "messages"),
-        (CHAT, {"model": "nope", "messages": GOOD_MESSAGES}, 404, "does not exist"),
-        (CHAT, {"model": "student", "messages": []}, 400, "messages"),
-        (CHAT, {"model": "student", "messages": GOOD_MESSAGES, "max_tokens": 0}, 400, "max_tokens"),
-        (CHAT, {"model": "student", "messages": GOOD_MESSAGES, "max_tokens": 65}, 400, "cap"),
-        (CHAT, {"model": "student", "messages": GOOD_MESSAGES, "temperature": -1}, 400, "temperature"),
-        (CHAT, {"model": "student", "messages": GOOD_MESSAGES, "top_p": 0}, 400, "top_p"),
-        (CHAT, {"model": "student", "messages": [{"role": "user", "content": "word " * 3000}]}, 400, "context window"),
-        (CHAT, {"model": "student", "messages": [{"role": "robot", "content": "x"}]}, 400, "messages"),
-        ("/v1/completions", {"model": "student", "prompt": ""}, 400, "prompt"),
-        ("/v1/completions", {"model": "student", "prompt": [1, 99999]}, 400, "token ids"),
-        ("/v1/completions", {"model": "student", "prompt": "x", "max_tokens": 0}, 400, "echo"),
-        ("/v1/completions", {"model": "student", "prompt": ["a", "b"], "stream": True}, 400, "single prompt"),
-        ("/v1/nothing", {}, 404, "Not Found"),
-    ],
-)
+@pytest.mark.parametrize(("path", "body", "status", "fragment"), INVALID_REQUESTS)
 def test_invalid_requests_get_openai_style_4xx(server: str, path: str, body, status: int, fragment: str) -> None:
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-    if isinstance(body, bytes):
-        response = httpx.post(server + path, content=body, headers=headers | {"content-type": "application/json"})
-    else:
-        response = httpx.post(server + path, json=body, headers=headers)
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert fragment in error["message"] and error["type"].endswith("_error")
+    assert_refused(server, path, body, status, fragment)
 
 
 @pytest.mark.parametrize(("header", "code"), [(None, "missing_api_key"), ("Bearer wrong", "invalid_api_key")])

@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 import torch
+from api_checks import API_KEY, INVALID_REQUESTS, assert_refused
 from sglang_guard import sglang_marks
 
 from zeda_core import inject_zero_experts, load_model, save_model
@@ -273,3 +274,18 @@ def test_swaps_and_rollback_serve_the_candidates_weights(swap_candidates: dict[s
         assert back.status_code == 200 and back.json()["current"] == routed.json()["current"]
         assert_serves(url, "tiny-zeda", swap_candidates["router"])
         assert chat(url, PROMPTS[0]).system_fingerprint == routed.json()["current"]["fingerprint"]
+
+
+@pytest.fixture(scope="module")
+def guarded_sglang_url():
+    """The SGLang backend under the settings of the torch backend's HTTP suite (key, name, cap)."""
+    flags = ("--api-key", API_KEY, "--served-model-name", "student", "--max-tokens-cap", "64")
+    with running_server(TINY_ZEDA, "--backend", "sglang", *flags, startup_timeout=SGLANG_START_S) as url:
+        yield url
+
+
+@pytest.mark.parametrize(("path", "body", "status", "fragment"), INVALID_REQUESTS)
+def test_bad_input_gets_the_same_4xx_as_on_the_torch_backend(
+    guarded_sglang_url: str, path: str, body, status: int, fragment: str
+) -> None:
+    assert_refused(guarded_sglang_url, path, body, status, fragment)
