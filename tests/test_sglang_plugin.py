@@ -236,7 +236,13 @@ def test_sglang_engine_usage_from_routed_experts() -> None:
     import numpy as np
     from transformers import AutoConfig
 
-    from zeda_server.sglang_engine import flop_model_of, moe_layer_indices, report_of, slot_counts_from_meta
+    from zeda_server.sglang_engine import (
+        CaptureLayout,
+        flop_model_of,
+        moe_layer_indices,
+        report_of,
+        slot_counts_from_meta,
+    )
 
     config = AutoConfig.from_pretrained(TINY_ZEDA)
     flop_model = flop_model_of(config)
@@ -245,6 +251,6 @@ def test_sglang_engine_usage_from_routed_experts() -> None:
     ids = np.full((5, 4, 2), 3, dtype="<i4")  # 5 tokens, 4 layers, K = 2
     ids[:, :, 1] = 9  # every second slot is a zero slot (N = 8)
     meta = {"routed_experts": base64.b64encode(ids.tobytes()).decode()}
-    report = report_of(slot_counts_from_meta(meta, config, num_experts=8), flop_model)
+    report = report_of(slot_counts_from_meta(meta, CaptureLayout.of(config), num_experts=8), flop_model)
     assert report.tokens == 5 and report.zero_expert_ratio == 0.5
     assert report.expert_flops == report.expert_flops_saved == 5 * 4 * flop_model.slot_flops

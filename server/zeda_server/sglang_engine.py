@@ -36,17 +36,15 @@ from transformers import AutoConfig, AutoTokenizer
 from zeda_core.checkpoint import read_state, resolve_checkpoint
 from zeda_core.errors import ZedaError
 from zeda_core.flops import FlopModel, FlopReport, expert_slot_flops, flop_report
-from zeda_core.spec import RoutingSpec, read_num_zero_experts
-from zeda_server.candidates import ROUTER_KEY, SMOKE_PROMPT, CandidateRejected, Scope, candidate_weights
+from zeda_server.candidates import SMOKE_PROMPT, CandidateRejected, Scope, candidate_weights
 from zeda_server.engine import QueueFull, SamplingParams, StepOutput, chat_prompt_ids
 from zeda_server.sglang_env import SglangPlatform, prepare_sglang_environment
 from zeda_server.sglang_models.plugin import register_configs
 from zeda_server.sglang_models.slot_counter import create_slot_counter_file, read_slot_counter
-from zeda_server.sglang_models.zero_slots import routed_slot_counts
+from zeda_server.sglang_models.zero_slots import routed_slot_counts, served_routing_spec
 from zeda_server.text_stream import TextStream
 from zeda_server.versions import checkpoint_fingerprint, router_fingerprint
 
-SERVED_MODEL_TYPES = ("qwen3_moe", "qwen3_moe_plus_plus", "glm4_moe_lite", "glm4_moe_lite_plus_plus")
 CPU_KV_TOKENS_CAP = 65_536
 
 
@@ -62,25 +60,6 @@ def moe_layer_indices(config: Any) -> list[int]:
     return [i for i in range(dense, layers) if i not in only_mlp and (i + 1) % step == 0]
 
 
-def served_routing_spec(config: Any) -> RoutingSpec:
-    """The routing spec SGLang serves ``config`` with: N + Z rows for a ZEDA model, Z = 0 for a plain one.
-
-    Raises:
-        ZedaError: a family the SGLang backend does not serve.
-    """
-    from zeda_core.families import family_for_model_type
-
-    values = config.to_dict()
-    model_type = str(values.get("model_type"))
-    if model_type not in SERVED_MODEL_TYPES:
-        raise ZedaError(
-            f"the sglang backend serves Qwen3-MoE and GLM4-MoE-Lite checkpoints, not {model_type!r}; "
-            "use --backend torch"
-        )
-    family = family_for_model_type(model_type)
-    return family.routing_spec(config, read_num_zero_experts(values), bool(values.get("zeda_zero_logit_bias", False)))
-
-
 def flop_model_of(config: Any) -> FlopModel:
     """The routed-expert figures ``usage.zeda`` needs, read off the config."""
     spec = served_routing_spec(config)
@@ -94,11 +73,23 @@ def flop_model_of(config: Any) -> FlopModel:
     )
 
 
-def slot_counts_from_meta(meta: dict[str, Any], config: Any, num_experts: int) -> torch.Tensor:
+@dataclass(frozen=True)
+class CaptureLayout:
+    """How SGLang's routed-experts capture is laid out: [tokens, num_layers, top_k], MoE rows ``moe_layers``."""
+
+    num_layers: int
+    top_k: int
+    moe_layers: list[int]
+
+    @classmethod
+    def of(cls, config: Any) -> CaptureLayout:
+        return cls(int(config.num_hidden_layers), int(config.num_experts_per_tok), moe_layer_indices(config))
+
+
+def slot_counts_from_meta(meta: dict[str, Any], layout: CaptureLayout, num_experts: int) -> torch.Tensor:
     """[MoE layers, 2] (real, zero) slots of one request from SGLang's ``meta_info`` (prompt + output - 1 tokens)."""
-    top_k = int(config.num_experts_per_tok)
-    layers = int(config.num_hidden_layers)
-    return routed_slot_counts(meta["routed_experts"], layers, top_k, num_experts, moe_layer_indices(config))
+    encoded = meta["routed_experts"]
+    return routed_slot_counts(encoded, layout.num_layers, layout.top_k, num_experts, layout.moe_layers)
 
 
 def report_of(counts: torch.Tensor, flop_model: FlopModel) -> FlopReport:
@@ -195,8 +186,9 @@ class SglangEngine:
 
         register_configs()
         checkpoint = resolve_checkpoint(model_path)
-        self.config = config = AutoConfig.from_pretrained(checkpoint)
+        config = AutoConfig.from_pretrained(checkpoint)
         self.spec = served_routing_spec(config)
+        self.layout = CaptureLayout.of(config)
         self.flop_model = flop_model_of(config)
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         self.context_length = int(config.max_position_embeddings)
@@ -267,7 +259,7 @@ class SglangEngine:
                 output = StepOutput(delta, new, logprobs, fingerprint=self.fingerprint)
                 if finish is not None:
                     output.finish_reason = "length" if finish.get("type") == "length" else "stop"
-                    counts = slot_counts_from_meta(meta, self.config, self.spec.num_experts)
+                    counts = slot_counts_from_meta(meta, self.layout, self.spec.num_experts)
                     output.report = report_of(counts, self.flop_model)
                     output.prompt_tokens, output.completion_tokens = len(prompt_ids), len(generated)
                 yield output
@@ -290,7 +282,7 @@ class SglangEngine:
         for sequence, result in zip(sequences, results, strict=True):
             values = [entry[0] for entry in result["meta_info"]["input_token_logprobs"]][1 : len(sequence)]
             scores.append([float(v) for v in values])
-            total += slot_counts_from_meta(result["meta_info"], self.config, self.spec.num_experts)
+            total += slot_counts_from_meta(result["meta_info"], self.layout, self.spec.num_experts)
         return scores, report_of(total, self.flop_model), fingerprint
 
     def versions(self) -> dict[str, Any]:
@@ -358,8 +350,7 @@ class SglangEngine:
         )
 
         manager = self.engine.tokenizer_manager
-        named = [(name, tensor) for name, tensor in tensors.items() if ROUTER_KEY.search(name)]
-        payload = self.engine._serialize_tensors_per_rank(named, None)
+        payload = self.engine._serialize_tensors_per_rank(list(tensors.items()), None)
         opened, message = await manager.begin_weight_update(BeginWeightUpdateReqInput(), None)
         if not opened:
             raise CandidateRejected(f"SGLang opened no weight-update session: {message}")
@@ -374,7 +365,7 @@ class SglangEngine:
             raise CandidateRejected(f"SGLang could not close the weight update: {end_message}")
 
     async def _smoke_test(self) -> None:
-        """A few greedy tokens on the weights just loaded; raises if they cannot be generated."""
+        """Score the smoke prompt on the weights just loaded; raises on an engine error or non-finite log-probs."""
         scores, _, _ = await self.score([self.tokenizer(SMOKE_PROMPT).input_ids])
         if not all(torch.isfinite(torch.tensor(s)).all() for s in scores if s):
             raise ValueError("non-finite log-probs")

@@ -20,11 +20,10 @@ from sglang.srt.utils import is_cpu
 from torch import nn
 
 from zeda_core.errors import ZedaError
-from zeda_core.families import family_for_model_type
 from zeda_core.routing import route
-from zeda_core.spec import RoutingSpec, read_num_zero_experts
+from zeda_core.spec import RoutingSpec
 from zeda_server.sglang_models.cpu_moe import runs_zero_skipping_cpu_moe
-from zeda_server.sglang_models.zero_slots import hand_off_zero_slots
+from zeda_server.sglang_models.zero_slots import hand_off_zero_slots, served_routing_spec
 
 
 def routing_spec_of(config: Any) -> RoutingSpec:
@@ -33,12 +32,10 @@ def routing_spec_of(config: Any) -> RoutingSpec:
     Raises:
         ZedaError: the config has no zero experts or an unsupported family.
     """
-    values = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
-    num_zero = read_num_zero_experts(values)
-    if num_zero < 1:
+    spec = served_routing_spec(config)
+    if spec.num_zero_experts < 1:
         raise ZedaError("config has no zero experts (zce_nums); serve it with the upstream SGLang model")
-    family = family_for_model_type(str(values["model_type"]))
-    return family.routing_spec(config, num_zero, bool(values.get("zeda_zero_logit_bias", False)))
+    return spec
 
 
 class ZeroAwareTopK(nn.Module):

@@ -11,13 +11,34 @@ slots appear there as ids ``>= N``: enough to count each request's real and zero
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 import numpy as np
 import torch
 
 from zeda_core.errors import ZedaError
+from zeda_core.families import family_for_model_type
+from zeda_core.spec import RoutingSpec, read_num_zero_experts
 
 SKIPPED_SLOT = -1
+SERVED_MODEL_TYPES = ("qwen3_moe", "qwen3_moe_plus_plus", "glm4_moe_lite", "glm4_moe_lite_plus_plus")
+
+
+def served_routing_spec(config: Any) -> RoutingSpec:
+    """The routing spec SGLang serves ``config`` with: N + Z rows for a ZEDA model, Z = 0 for a plain one.
+
+    Raises:
+        ZedaError: a family the SGLang backend does not serve.
+    """
+    values = config.to_dict()
+    model_type = str(values.get("model_type"))
+    if model_type not in SERVED_MODEL_TYPES:
+        raise ZedaError(
+            f"the sglang backend serves Qwen3-MoE and GLM4-MoE-Lite checkpoints, not {model_type!r}; "
+            "use --backend torch"
+        )
+    family = family_for_model_type(model_type)
+    return family.routing_spec(config, read_num_zero_experts(values), bool(values.get("zeda_zero_logit_bias", False)))
 
 
 def hand_off_zero_slots(
