@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 from processes import kill_9_once_written
+from sglang_guard import sglang_marks
 
 from zeda_cli.main import main
 from zeda_core.traffic import CapturedRequest, TrafficStore, open_existing_store
@@ -118,13 +119,15 @@ def test_killed_retrain_resumes_without_lost_progress_and_a_worse_candidate_is_r
     assert "REFUSE" in resumed.stdout and "reason:" in resumed.stdout
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("sglang", marks=[*sglang_marks(), pytest.mark.slow])])
 def test_a_passing_candidate_is_promoted_into_the_running_server(
-    capture_db: Path, small_student: Path, small_teacher: Path, small_data: Path, tmp_path: Path
+    capture_db: Path, small_student: Path, small_teacher: Path, small_data: Path, tmp_path: Path, backend: str
 ) -> None:
     # A gentle run (tiny learning rate): the candidate keeps the current model's quality and r_ze.
     gentle = {"opd.optim.lr": 1e-7, "gate.max_zero_ratio_drop": 0.01, "opd.optim.max_steps": 2}
     args = _command(capture_db, small_student, tmp_path / "cycles", small_teacher, small_data, **gentle)
-    with running_server(small_student, "--admin-key", ADMIN_KEY) as url:
+    flags = ("--admin-key", ADMIN_KEY, "--backend", backend)
+    with running_server(small_student, *flags, startup_timeout=600) as url:
         before = httpx.get(f"{url}/health", timeout=30).json()["system_fingerprint"]
         loop = [*args, "--server", url, "--admin-key", ADMIN_KEY, "--every", "1s", "--cycles", "1"]
         assert main(loop) == 0

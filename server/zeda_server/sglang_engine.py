@@ -12,11 +12,12 @@ engine. Prompt log-probs (remote teacher scoring) use ``return_logprob`` with
 ``logprob_start_len=0``.
 
 Hot-swap goes through SGLang's weight-update API: ``update_weights_from_tensor`` for the router
-rows (scope ``router``), ``update_weights_from_disk`` for whole checkpoints (scope ``all``). Its
-writer lock waits for running requests to finish on the old weights while new ones wait for the
-new ones, so no request changes version mid-stream. The candidate passes the torch engine's file
-checks first, and a smoke generation after the update; a failed smoke test restores the previous
-version.
+rows (scope ``router``), ``update_weights_from_disk`` for whole checkpoints (scope ``all``). A
+version lock (SGLang's writer-preferring ``RWLock``) spans the whole install: the update, the
+smoke generation and, when that fails, the restore. Each request holds it shared from admission to
+its last chunk, so running requests finish on the old weights, requests that arrive meanwhile wait
+and run on the new ones, and no request changes version mid-stream. The candidate passes the torch
+engine's file checks first.
 """
 
 from __future__ import annotations
@@ -183,6 +184,7 @@ class SglangEngine:
         self.slot_counter = create_slot_counter_file(Path(self._counter_dir.name) / "slots.bin")
         self.platform = prepare_sglang_environment(self.slot_counter, tp_size)
         import sglang
+        from sglang.srt.utils.aio_rwlock import RWLock
 
         register_configs()
         checkpoint = resolve_checkpoint(model_path)
@@ -196,6 +198,7 @@ class SglangEngine:
         self.previous: _ServedVersion | None = None
         self.max_queue = max_queue
         self._in_flight = 0
+        self._version_lock = RWLock()
         args = engine_arguments(
             self.platform, dtype, max_batch, self.context_length, max_total_tokens, tp_size, sglang_args or {}
         )
@@ -226,10 +229,21 @@ class SglangEngine:
         return chat_prompt_ids(self.tokenizer, messages)
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StepOutput]:
-        """Stream one request's outputs; closing the iterator early aborts it in SGLang."""
+        """Stream one request's outputs, all from one served version; closing the iterator aborts it."""
         if self._in_flight >= self.max_queue:
             raise QueueFull(f"{self.max_queue} requests in flight")
         self._in_flight += 1
+        try:
+            async with self._version_lock.reader_lock:
+                async for output in self._generate(prompt_ids, params, self.fingerprint):
+                    yield output
+        finally:
+            self._in_flight -= 1
+
+    async def _generate(
+        self, prompt_ids: list[int], params: SamplingParams, fingerprint: str
+    ) -> AsyncIterator[StepOutput]:
+        """One request's outputs from SGLang, each tagged with ``fingerprint`` (the version it runs on)."""
         sampling = {
             "max_new_tokens": params.max_tokens,
             "temperature": params.temperature,
@@ -240,37 +254,40 @@ class SglangEngine:
             sampling["sampling_seed"] = params.seed
         stream = TextStream(self.tokenizer, list(params.stop))
         generated: list[int] = []
-        try:
-            chunks = await self.engine.async_generate(
-                input_ids=list(prompt_ids),
-                sampling_params=sampling,
-                stream=True,
-                return_logprob=True,
-                return_routed_experts=True,
-            )
-            async for chunk in chunks:
-                new = chunk["output_ids"][len(generated) :]
-                meta = chunk["meta_info"]
-                logprobs = [float(entry[0]) for entry in meta["output_token_logprobs"][len(generated) :]]
-                generated += new
-                stream.update(generated)
-                finish = meta.get("finish_reason")
-                delta = stream.delta(final=finish is not None)
-                output = StepOutput(delta, new, logprobs, fingerprint=self.fingerprint)
-                if finish is not None:
-                    output.finish_reason = "length" if finish.get("type") == "length" else "stop"
-                    counts = slot_counts_from_meta(meta, self.layout, self.spec.num_experts)
-                    output.report = report_of(counts, self.flop_model)
-                    output.prompt_tokens, output.completion_tokens = len(prompt_ids), len(generated)
-                yield output
-                if finish is not None:
-                    return
-        finally:
-            self._in_flight -= 1
+        chunks = await self.engine.async_generate(
+            input_ids=list(prompt_ids),
+            sampling_params=sampling,
+            stream=True,
+            return_logprob=True,
+            return_routed_experts=True,
+        )
+        async for chunk in chunks:
+            new = chunk["output_ids"][len(generated) :]
+            meta = chunk["meta_info"]
+            logprobs = [float(entry[0]) for entry in meta["output_token_logprobs"][len(generated) :]]
+            generated += new
+            stream.update(generated)
+            finish = meta.get("finish_reason")
+            delta = stream.delta(final=finish is not None)
+            output = StepOutput(delta, new, logprobs, fingerprint=fingerprint)
+            if finish is not None:
+                output.finish_reason = "length" if finish.get("type") == "length" else "stop"
+                counts = slot_counts_from_meta(meta, self.layout, self.spec.num_experts)
+                output.report = report_of(counts, self.flop_model)
+                output.prompt_tokens, output.completion_tokens = len(prompt_ids), len(generated)
+            yield output
+            if finish is not None:
+                return
 
     async def score(self, sequences: list[list[int]]) -> tuple[list[list[float]], FlopReport, str]:
         """Log-probs of tokens 1..n-1 of each sequence, the FLOPs spent, the fingerprint."""
-        fingerprint = self.fingerprint
+        async with self._version_lock.reader_lock:
+            return await self._score(sequences, self.fingerprint)
+
+    async def _score(
+        self, sequences: list[list[int]], fingerprint: str
+    ) -> tuple[list[list[float]], FlopReport, str]:
+        """:meth:`score` without the version lock (the smoke test runs under the writer lock)."""
         results = await self.engine.async_generate(
             input_ids=[list(s) for s in sequences],
             sampling_params={"max_new_tokens": 1, "temperature": 0.0},
@@ -315,16 +332,20 @@ class SglangEngine:
         return self.current.describe()
 
     async def _install(self, version: _ServedVersion) -> None:
-        """Load ``version`` into SGLang, smoke-test it, and make it current; restore the old one on failure."""
-        old, older = self.current, self.previous
-        await self._load(version, old)
-        self.current, self.previous = version, old
-        try:
-            await self._smoke_test()
-        except Exception as exc:  # the new weights do not serve: put the old ones back
-            await self._load(old, version)
-            self.current, self.previous = old, older
-            raise CandidateRejected(f"smoke generation failed: {type(exc).__name__}: {exc}") from exc
+        """Load ``version`` into SGLang, smoke-test it, and make it current; restore the old one on failure.
+
+        Holds the version lock exclusively: waits for running requests, and new ones wait for it.
+        """
+        async with self._version_lock.writer_lock:
+            old, older = self.current, self.previous
+            await self._load(version, old)
+            self.current, self.previous = version, old
+            try:
+                await self._smoke_test()
+            except Exception as exc:  # the new weights do not serve: put the old ones back
+                await self._load(old, version)
+                self.current, self.previous = old, older
+                raise CandidateRejected(f"smoke generation failed: {type(exc).__name__}: {exc}") from exc
 
     async def _load(self, version: _ServedVersion, loaded: _ServedVersion) -> None:
         """Make SGLang hold ``version``'s weights, given that it holds ``loaded``'s."""
@@ -366,7 +387,7 @@ class SglangEngine:
 
     async def _smoke_test(self) -> None:
         """Score the smoke prompt on the weights just loaded; raises on an engine error or non-finite log-probs."""
-        scores, _, _ = await self.score([self.tokenizer(SMOKE_PROMPT).input_ids])
+        scores, _, _ = await self._score([self.tokenizer(SMOKE_PROMPT).input_ids], self.fingerprint)
         if not all(torch.isfinite(torch.tensor(s)).all() for s in scores if s):
             raise ValueError("non-finite log-probs")
 
