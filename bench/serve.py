@@ -5,15 +5,19 @@ same requests go to the teacher and to the ZEDA model in alternation (the order 
 round). The prompt mix is half chat skill questions and half Python code to continue. Reported
 per model: completion tokens/s, p50/p95 end-to-end latency, p50 TTFT, and r_ze from ``usage.zeda``.
 
-The MoE share of decode time is measured by profiling the teacher in this process: forward
-hooks time every MoE block and the whole model during batched decoding. Amdahl's bound for the
+With ``--backend torch`` the MoE share of decode time is measured by profiling the teacher in this
+process: forward hooks time every MoE block and the whole model during batched decoding. With
+``--backend sglang`` it is measured inside SGLang's CPU engine, on the served traffic itself: the
+plugin adds the time of every model forward and MoE block to ``zeda_forward_seconds`` on
+``/metrics``, read before and after the run at the top concurrency. Amdahl's bound for the
 ZEDA model's throughput gain is ``1 / ((1 - f) + f * (1 - r))``, with f that share and r the
 r_ze measured on this traffic. The ZEDA model is profiled the same way, which gives the MoE-layer
 speed-up it really gets per token, the distinct experts each MoE call runs in both models (their
-ratio is the weight-traffic bound of these batches), and the gain Amdahl predicts from the
-measured MoE-layer speed-up.
+ratio is the weight-traffic bound of these batches; torch profile only), and the gain Amdahl
+predicts from the measured MoE-layer speed-up.
 
     python bench/serve.py --write BENCHMARKS.md
+    python bench/serve.py --backend sglang --write BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -35,11 +39,14 @@ import httpx
 import torch
 
 from zeda_core.atomic import atomic_write_text, write_marked_section
+from zeda_core.checkpoint import checkpoint_routing_spec
 from zeda_core.moe import ZeroExpertMoeBlock
 from zeda_server.engine import SamplingParams, TorchEngine
 from zeda_server.launch import running_server
 
-MARKER = "bench:serve:cpu"
+MARKERS = {"torch": "bench:serve:cpu", "sglang": "bench:serve:cpu:sglang"}
+ENGINES = {"torch": "Torch engine", "sglang": "SGLang 0.5.23 CPU engine (torch-native attention)"}
+SGLANG_START_S = 600.0
 
 
 def make_requests(count: int, max_tokens: int, seed: int) -> list[tuple[str, dict]]:
@@ -164,14 +171,38 @@ def moe_profile(model_path: str, requests: list[tuple[str, dict]], streams: int,
     return spent
 
 
-def markdown(results: dict, command: str) -> str:
+def forward_seconds(url: str) -> dict[str, float]:
+    """The SGLang CPU engine's ``zeda_forward_seconds`` (model, moe) and ``zeda_moe_forward_slots`` samples."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    samples = {}
+    for line in text.splitlines():
+        for name, key in (("zeda_forward_seconds", "part"), ("zeda_moe_forward_slots", "kind")):
+            prefix = f'{name}{{{key}="'
+            if line.startswith(prefix):
+                label, value = line[len(prefix) :].split('"} ')
+                samples[label] = float(value)
+    return samples
+
+
+def sglang_profile(before: dict[str, float], after: dict[str, float], top_k: int) -> dict:
+    """The keys of :func:`moe_profile` that SGLang's counters give, from two :func:`forward_seconds` reads."""
+    spent = {key: after[key] - before[key] for key in after}
+    return {
+        "model_s": spent["model"],
+        "moe_s": spent["moe"],
+        "moe_tokens": round((spent["computed"] + spent["skipped"]) / top_k),
+    }
+
+
+def markdown(results: dict, command: str, backend: str) -> str:
     concurrency = sorted({int(c) for c in results["teacher"]})
+    marker = MARKERS[backend]
     lines = [
-        f"<!-- {MARKER} -->",
-        f"## Serving on CPU: ZEDA demo model vs its teacher ({platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads)",
+        f"<!-- {marker} -->",
+        f"## Serving on CPU ({backend} backend): ZEDA demo model vs its teacher "
+        f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "",
-        f"Command: `{command}` ({date.today().isoformat()}). Torch engine, fp32, greedy, "
+        f"Command: `{command}` ({date.today().isoformat()}). {ENGINES[backend]}, fp32, greedy, "
         f"{results['max_tokens']} max tokens, {results['requests']} requests per cell (half chat skills, half code).",
         "",
         "| streams | model | tokens/s | p50 latency | p95 latency | p50 TTFT | r_ze (served) | ZEDA/teacher tokens/s |",
@@ -194,31 +225,36 @@ def markdown(results: dict, command: str) -> str:
     gain = results["zeda"][top]["tokens_per_s"] / results["teacher"][top]["tokens_per_s"]
     per_token = {k: p["moe_s"] / p["moe_tokens"] for k, p in results["profile"].items()}
     moe_speedup = per_token["teacher"] / per_token["zeda"]
-    experts = {k: p["expert_calls"] / p["moe_calls"] for k, p in results["profile"].items()}
-    traffic = experts["teacher"] / experts["zeda"]
     predicted = 1.0 / ((1.0 - share) + share / moe_speedup)
-    traffic_gain = 1.0 / ((1.0 - share) + share / traffic)
+    where = "profiled in-process" if backend == "torch" else "timed inside SGLang's forward on the served traffic"
     lines += [
         "",
-        f"MoE share of the teacher's forward time at {top} streams (profiled): **{share:.1%}**. "
+        f"MoE share of the teacher's forward time at {top} streams ({where}): **{share:.1%}**. "
         f"With r_ze = {r:.3f}, Amdahl's bound on the throughput gain is **{bound:.2f}x**. "
         f"Measured gain at {top} streams: **{gain:.2f}x**, {gain / bound:.0%} of the bound "
         f"({(gain - 1) / (bound - 1) if bound > 1 else 0:.0%} of the bound's speed-up over 1x).",
         "",
         f"The same profile of both models at {top} streams: the MoE blocks take {per_token['teacher'] * 1e6:.1f} us "
-        f"per token in the teacher and {per_token['zeda'] * 1e6:.1f} us in ZEDA, a **{moe_speedup:.2f}x** MoE-layer "
-        f"speed-up where r_ze alone would allow {1 / (1 - r):.2f}x. Each MoE block call runs "
-        f"{experts['teacher']:.2f} distinct experts in the teacher and {experts['zeda']:.2f} in ZEDA (weight-traffic "
-        f"bound {traffic:.2f}x). Amdahl with the measured MoE-layer speed-up predicts **{predicted:.2f}x**. "
-        f"If every MoE call cost only its distinct experts' weight reads, the gain could reach at most "
-        f"**{traffic_gain:.2f}x**.",
-        f"<!-- /{MARKER} -->",
+        f"per token and layer in the teacher and {per_token['zeda'] * 1e6:.1f} us in ZEDA, a **{moe_speedup:.2f}x** "
+        f"MoE-layer speed-up where r_ze alone would allow {1 / (1 - r):.2f}x. Amdahl with the measured MoE-layer "
+        f"speed-up predicts **{predicted:.2f}x**.",
     ]
+    if "expert_calls" in results["profile"]["teacher"]:
+        experts = {k: p["expert_calls"] / p["moe_calls"] for k, p in results["profile"].items()}
+        traffic = experts["teacher"] / experts["zeda"]
+        traffic_gain = 1.0 / ((1.0 - share) + share / traffic)
+        lines[-1] += (
+            f" Each MoE block call runs {experts['teacher']:.2f} distinct experts in the teacher and "
+            f"{experts['zeda']:.2f} in ZEDA (weight-traffic bound {traffic:.2f}x). If every MoE call cost only its "
+            f"distinct experts' weight reads, the gain could reach at most **{traffic_gain:.2f}x**."
+        )
+    lines.append(f"<!-- /{marker} -->")
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", choices=sorted(MARKERS), default="torch", help="the engine both servers run")
     parser.add_argument("--teacher", default="models/tiny-teacher")
     parser.add_argument("--zeda", default="models/tiny-zeda")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
@@ -231,10 +267,14 @@ def main() -> int:
     command = shlex.join(["python", "bench/serve.py", *sys.argv[1:]])
     requests = make_requests(args.requests, args.max_tokens, args.seed)
     results: dict = {"teacher": {}, "zeda": {}, "requests": args.requests, "max_tokens": args.max_tokens}
-    names = {"teacher": Path(args.teacher).name, "zeda": Path(args.zeda).name}
+    paths = {"teacher": Path(args.teacher), "zeda": Path(args.zeda)}
+    names = {key: path.name for key, path in paths.items()}
+    flags = ("--max-batch", "32", "--backend", args.backend)
+    top = max(args.concurrency)
+    results["profile"] = {}
     with (
-        running_server(Path(args.teacher), "--max-batch", "32") as teacher_url,
-        running_server(Path(args.zeda), "--max-batch", "32") as zeda_url,
+        running_server(paths["teacher"], *flags, startup_timeout=SGLANG_START_S) as teacher_url,
+        running_server(paths["zeda"], *flags, startup_timeout=SGLANG_START_S) as zeda_url,
     ):
         urls = {"teacher": teacher_url, "zeda": zeda_url}
         for key in urls:  # warm-up
@@ -242,20 +282,22 @@ def main() -> int:
         for round_index, concurrency in enumerate(args.concurrency):
             order = ["teacher", "zeda"] if round_index % 2 == 0 else ["zeda", "teacher"]
             for key in order:
+                counted = forward_seconds(urls[key]) if args.backend == "sglang" else None
                 row = asyncio.run(run_load(urls[key], names[key], requests, concurrency))
                 results[key][str(concurrency)] = row
                 print(json.dumps({"model": key, "concurrency": concurrency, **row}), flush=True)
-    results["profile"] = {
-        key: moe_profile(path, requests, max(args.concurrency), args.max_tokens)
-        for key, path in (("teacher", args.teacher), ("zeda", args.zeda))
-    }
-    section = markdown(results, command)
+                if counted is not None and concurrency == top:
+                    top_k = checkpoint_routing_spec(paths[key]).top_k
+                    results["profile"][key] = sglang_profile(counted, forward_seconds(urls[key]), top_k)
+    if args.backend == "torch":
+        results["profile"] = {key: moe_profile(str(p), requests, top, args.max_tokens) for key, p in paths.items()}
+    section = markdown(results, command, args.backend)
     print(section)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
     if args.write:
-        write_marked_section(args.write, MARKER, section)
+        write_marked_section(args.write, MARKERS[args.backend], section)
     return 0
 
 

@@ -160,21 +160,33 @@ def test_routed_experts_are_captured_before_zero_slots_become_skipped() -> None:
     assert torch.equal(output.topk_ids == -1, expected >= spec.num_experts)
 
 
-def test_slot_counter_file_is_shared_between_processes(tmp_path: Path) -> None:
-    from zeda_server.sglang_models.slot_counter import COUNTER_ENV, create_slot_counter_file, read_slot_counter
+def test_forward_counter_file_is_shared_between_processes(tmp_path: Path) -> None:
+    from zeda_server.sglang_models.forward_counter import (
+        COUNTER_ENV,
+        ForwardCounts,
+        create_counter_file,
+        read_forward_counts,
+    )
 
-    path = create_slot_counter_file(tmp_path / "slots.bin")
+    path = create_counter_file(tmp_path / "forward.bin")
     script = (
-        "from zeda_server.sglang_models.slot_counter import SLOT_COUNTER\n"
+        "import time\n"
+        "from zeda_server.sglang_models.forward_counter import FORWARD_COUNTER\n"
         "import sglang.srt.distributed.parallel_state as ps\n"
         "ps.get_tensor_model_parallel_rank = lambda: 0\n"
-        "SLOT_COUNTER.add(5, 3); SLOT_COUNTER.add(2, 1)\n"
+        "FORWARD_COUNTER.add_slots(5, 3); FORWARD_COUNTER.add_slots(2, 1)\n"
+        "with FORWARD_COUNTER.timing('model'):\n"
+        "    with FORWARD_COUNTER.timing('moe'):\n"
+        "        time.sleep(0.05)\n"
+        "    time.sleep(0.05)\n"
     )
     env = {**os.environ, COUNTER_ENV: str(path)}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert read_slot_counter(path) == (7, 4)
-    assert read_slot_counter(create_slot_counter_file(path)) == (0, 0)
+    counts = read_forward_counts(path)
+    assert (counts.computed_slots, counts.skipped_slots) == (7, 4)
+    assert 0.05 <= counts.moe_seconds < counts.model_seconds and counts.model_seconds >= 0.1
+    assert read_forward_counts(create_counter_file(path)) == ForwardCounts(0, 0, 0.0, 0.0)
 
 
 def test_launcher_settings_for_sglang(tmp_path: Path) -> None:
@@ -183,7 +195,8 @@ def test_launcher_settings_for_sglang(tmp_path: Path) -> None:
 
     cpu, gpu = SglangPlatform("cpu"), SglangPlatform("cuda")
     args = engine_arguments(cpu, "auto", 32, 1024, None, 1, {})
-    assert args["device"] == "cpu" and args["dtype"] == "float32" and args["disable_overlap_schedule"]
+    assert args["device"] == "cpu" and args["dtype"] == "float32"
+    assert args["disable_overlap_schedule"] and args["sleep_on_idle"]
     assert args["max_total_tokens"] == min(32 * 1024, CPU_KV_TOKENS_CAP) and args["enable_return_routed_experts"]
     assert engine_arguments(cpu, "bfloat16", 4, 1024, 999, 2, {"chunked_prefill_size": 64}) == args | {
         "dtype": "bfloat16",

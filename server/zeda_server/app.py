@@ -129,10 +129,8 @@ def create_app(settings: ServerSettings, engine: TorchEngine) -> FastAPI:
         metrics.queue_depth.set(engine.queue_depth)
         metrics.running.set(engine.running)
         metrics.model.info({"fingerprint": engine.fingerprint, "name": settings.model_name})
-        if hasattr(engine, "slots_computed"):
-            computed, skipped = engine.slots_computed()
-            metrics.moe_slots_run.labels("computed").set(computed)
-            metrics.moe_slots_run.labels("skipped").set(skipped)
+        if hasattr(engine, "forward_counts"):
+            metrics.record_forward_counts(engine.forward_counts())
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/dashboard", response_class=HTMLResponse)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from zeda_core.flops import FlopReport
+
+if TYPE_CHECKING:
+    from zeda_server.sglang_models.forward_counter import ForwardCounts
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 HISTORY_SECONDS = 600
@@ -42,8 +45,21 @@ class ServerMetrics:
             ["kind"],
             registry=r,
         )
+        self.forward_seconds = Gauge(
+            "zeda_forward_seconds",
+            "Seconds in the model forward and in its MoE blocks since start (SGLang CPU engine).",
+            ["part"],
+            registry=r,
+        )
         self._lock = threading.Lock()
         self._events: collections.deque[tuple[float, int, int, int]] = collections.deque()
+
+    def record_forward_counts(self, counts: ForwardCounts) -> None:
+        """Show what SGLang's CPU forward counted (slots, seconds) on ``/metrics``."""
+        self.moe_slots_run.labels("computed").set(counts.computed_slots)
+        self.moe_slots_run.labels("skipped").set(counts.skipped_slots)
+        self.forward_seconds.labels("moe").set(counts.moe_seconds)
+        self.forward_seconds.labels("model").set(counts.model_seconds)
 
     def record(self, endpoint: str, prompt_tokens: int, completion_tokens: int, report: FlopReport) -> None:
         """Account one finished request."""

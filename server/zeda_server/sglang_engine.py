@@ -40,8 +40,8 @@ from zeda_core.flops import FlopModel, FlopReport, expert_slot_flops, flop_repor
 from zeda_server.candidates import SMOKE_PROMPT, CandidateRejected, Scope, candidate_weights
 from zeda_server.engine import QueueFull, SamplingParams, StepOutput, chat_prompt_ids
 from zeda_server.sglang_env import SglangPlatform, prepare_sglang_environment
+from zeda_server.sglang_models.forward_counter import ForwardCounts, create_counter_file, read_forward_counts
 from zeda_server.sglang_models.plugin import register_configs
-from zeda_server.sglang_models.slot_counter import create_slot_counter_file, read_slot_counter
 from zeda_server.sglang_models.zero_slots import routed_slot_counts, served_routing_spec
 from zeda_server.text_stream import TextStream
 from zeda_server.versions import checkpoint_fingerprint, router_fingerprint
@@ -112,7 +112,8 @@ def engine_arguments(
     On CPU: float32 unless a dtype is given, a KV pool of at most ``max_batch`` full contexts
     (``CPU_KV_TOKENS_CAP`` tokens) unless ``max_total_tokens`` says otherwise, and no overlap
     scheduling (it overlaps nothing on one CPU device, and runs one more decode step for every
-    finished request, whose routing no request reports). On GPU: the Triton MoE runner and
+    finished request, whose routing no request reports), and a scheduler that sleeps when idle
+    (it otherwise spins one core at 100 % with no request in flight). On GPU: the Triton MoE runner and
     SGLang's own sizing and scheduling. ``extra`` (``--sglang-arg``) overrides everything but the
     settings ZEDA needs: the routed-experts return and unfused shared experts.
     """
@@ -124,6 +125,7 @@ def engine_arguments(
     }
     if platform.on_cpu:
         args |= {"device": "cpu", "dtype": "float32" if dtype == "auto" else dtype, "disable_overlap_schedule": True}
+        args["sleep_on_idle"] = True
         args["max_total_tokens"] = max_total_tokens or min(max_batch * context_length, CPU_KV_TOKENS_CAP)
     else:
         args |= {"moe_runner_backend": "triton"}
@@ -181,8 +183,8 @@ class SglangEngine:
         sglang_args: dict[str, Any] | None = None,
     ) -> None:
         self._counter_dir = tempfile.TemporaryDirectory(prefix="zeda-sglang-")
-        self.slot_counter = create_slot_counter_file(Path(self._counter_dir.name) / "slots.bin")
-        self.platform = prepare_sglang_environment(self.slot_counter, tp_size)
+        self.forward_counter = create_counter_file(Path(self._counter_dir.name) / "forward.bin")
+        self.platform = prepare_sglang_environment(self.forward_counter, tp_size)
         import sglang
         from sglang.srt.utils.aio_rwlock import RWLock
 
@@ -221,9 +223,10 @@ class SglangEngine:
     def running(self) -> int:
         return self._in_flight
 
-    def slots_computed(self) -> tuple[int, int]:
-        """(computed, skipped) expert slots the CPU MoE forward has run since start (0, 0 on GPU)."""
-        return read_slot_counter(self.slot_counter)
+    def forward_counts(self) -> ForwardCounts:
+        """Slots the CPU MoE forward computed and skipped, and seconds in MoE blocks and model forwards,
+        since start (all 0 on GPU)."""
+        return read_forward_counts(self.forward_counter)
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         return chat_prompt_ids(self.tokenizer, messages)

@@ -9,7 +9,7 @@ anything patched in this process, so every setting here is an environment variab
   torch-native attention, PyTorch sampling, no CUDA graphs);
 - where ``libcuda.so.1`` is missing, the ``common_ops`` stand-in on ``PYTHONPATH`` so that
   ``sgl_kernel`` imports (its loader's last fallback; the scheduler imports it before plugins);
-- ``ZEDA_SGLANG_SLOT_COUNTER``: the shared file the CPU MoE forward counts its slots in;
+- ``ZEDA_SGLANG_FORWARD_COUNTER``: the shared file the CPU forward counts its slots and times in;
 - with tensor parallelism on CPU, ``SGLANG_CPU_OMP_THREADS_BIND``: this process's cores split
   evenly between the ranks (SGLang's default binds one NUMA node per rank, and refuses more
   ranks than nodes); and ``SGLANG_NCCL_SO_PATH`` naming no file, so that SGLang's NCCL
@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 from zeda_core.errors import ZedaError
+from zeda_server.sglang_models.forward_counter import COUNTER_ENV
 from zeda_server.sglang_models.plugin import SERVE_ENV
-from zeda_server.sglang_models.slot_counter import COUNTER_ENV
 
 CPU_ENGINE_ENV = "SGLANG_USE_CPU_ENGINE"
 THREADS_BIND_ENV = "SGLANG_CPU_OMP_THREADS_BIND"
@@ -87,7 +87,7 @@ def cores_per_rank(cores: list[int], ranks: int) -> str:
     return "|".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in groups)
 
 
-def prepare_sglang_environment(slot_counter: Path | None = None, tp_size: int = 1) -> SglangPlatform:
+def prepare_sglang_environment(forward_counter: Path | None = None, tp_size: int = 1) -> SglangPlatform:
     """Set what SGLang's processes need to inherit (see the module docstring); returns the platform.
 
     Call it before ``sglang`` is imported. Raises ZedaError when ``SGLANG_USE_CPU_ENGINE=0`` is
@@ -95,8 +95,8 @@ def prepare_sglang_environment(slot_counter: Path | None = None, tp_size: int = 
     has fewer cores than tensor-parallel ranks.
     """
     os.environ[SERVE_ENV] = "1"
-    if slot_counter is not None:
-        os.environ[COUNTER_ENV] = str(slot_counter)
+    if forward_counter is not None:
+        os.environ[COUNTER_ENV] = str(forward_counter)
     if torch.cuda.is_available():
         return SglangPlatform("cuda")
     if os.environ.setdefault(CPU_ENGINE_ENV, "1") != "1":

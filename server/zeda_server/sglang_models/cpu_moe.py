@@ -7,7 +7,7 @@ that forward with ``zeda_core.experts_forward``: slots whose id is -1 or ``>= N`
 any GEMM, and each real slot costs exactly one GEMM pair row.
 
 Every forward adds the slots it computed and skipped to the shared slot counter
-(``slot_counter``), which the server shows on ``/metrics``; tests compare it with the
+(``forward_counter``), which the server shows on ``/metrics``; tests compare it with the
 routed-experts return to prove that no zero slot is ever computed.
 """
 
@@ -19,7 +19,7 @@ from torch import nn
 
 from zeda_core.errors import ZedaError
 from zeda_core.experts import experts_forward
-from zeda_server.sglang_models.slot_counter import SLOT_COUNTER
+from zeda_server.sglang_models.forward_counter import FORWARD_COUNTER
 
 
 class ZeroSkippingCpuMoeMethod(UnquantizedFusedMoEMethod):
@@ -34,7 +34,7 @@ class ZeroSkippingCpuMoeMethod(UnquantizedFusedMoEMethod):
             hidden_states, topk_ids, topk_weights, zero_mask, layer.w13_weight, layer.w2_weight
         )
         skipped = int(zero_mask.sum())
-        SLOT_COUNTER.add(zero_mask.numel() - skipped, skipped)
+        FORWARD_COUNTER.add_slots(zero_mask.numel() - skipped, skipped)
         return StandardCombineInput(hidden_states=output)
 
     forward_native = forward_cpu

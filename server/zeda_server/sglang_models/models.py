@@ -11,7 +11,9 @@ Loading fixes over upstream 0.5.23: experts stored fused by transformers 5
 (``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj`` [E, H, I]) are split into the
 per-expert names the upstream loader maps, and ``tie_word_embeddings`` makes ``lm_head`` the
 input embedding (upstream leaves it uninitialised, which gives uniform log-probs). On CPU, every
-MoE layer runs the zero-skipping forward of ``cpu_moe``.
+MoE layer runs the zero-skipping forward of ``cpu_moe``, and the time spent in the model forward
+and in its MoE blocks goes to the shared ``forward_counter`` (the MoE share ``bench/serve.py``
+reports for this backend).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import nn
 
 from zeda_core.errors import ZedaError
 from zeda_server.sglang_models.cpu_moe import use_zero_skipping_cpu_moe
+from zeda_server.sglang_models.forward_counter import FORWARD_COUNTER
 from zeda_server.sglang_models.plugin import allow_host_caches_on_cpu
 from zeda_server.sglang_models.zero_aware import make_zero_aware, routing_spec_of
 
@@ -60,8 +63,34 @@ def checkpoint_weights(
             yield name, tensor
 
 
+def _time_moe_block(block: nn.Module) -> None:
+    """Add every forward of ``block`` to the MoE time of the shared counter."""
+    timers: list = []
+
+    def start(_module, _args) -> None:
+        timer = FORWARD_COUNTER.timing("moe")
+        timer.__enter__()
+        timers.append(timer)
+
+    def stop(_module, _args, _output) -> None:
+        timers.pop().__exit__(None, None, None)
+
+    block.register_forward_pre_hook(start)
+    block.register_forward_hook(stop)
+
+
+class TimedForward:
+    """On CPU, adds each model forward to the model time of the shared counter (SGLang calls ``forward``)."""
+
+    def forward(self, *args, **kwargs):
+        if not is_cpu():
+            return super().forward(*args, **kwargs)
+        with FORWARD_COUNTER.timing("model"):
+            return super().forward(*args, **kwargs)
+
+
 def _adapt(model: nn.Module, block_type: type, zero_aware: bool) -> None:
-    """Tie ``lm_head``, run the zero-skipping CPU MoE, and (ZEDA models) make the MoE blocks zero-aware."""
+    """Tie ``lm_head``, run (and time) the zero-skipping CPU MoE, and (ZEDA models) make the MoE blocks zero-aware."""
     config = model.config
     if getattr(config, "tie_word_embeddings", False):
         model.lm_head = model.model.embed_tokens
@@ -71,11 +100,12 @@ def _adapt(model: nn.Module, block_type: type, zero_aware: bool) -> None:
             continue
         if is_cpu():
             use_zero_skipping_cpu_moe(layer.mlp.experts, layer_id)
+            _time_moe_block(layer.mlp)
         if spec is not None:
             make_zero_aware(layer.mlp, spec, config.hidden_size, layer_id, f"model.layers.{layer_id}.mlp")
 
 
-class Qwen3MoeCheckpointForCausalLM(Qwen3MoeForCausalLM):
+class Qwen3MoeCheckpointForCausalLM(TimedForward, Qwen3MoeForCausalLM):
     """Upstream Qwen3-MoE that loads transformers-5 checkpoints (fused experts, tied embeddings)."""
 
     zero_aware = False
@@ -110,7 +140,7 @@ def leading_dense_layers(config) -> int:
     return dense
 
 
-class Glm4MoeLiteCheckpointForCausalLM(Glm4MoeLiteForCausalLM):
+class Glm4MoeLiteCheckpointForCausalLM(TimedForward, Glm4MoeLiteForCausalLM):
     """Upstream GLM4-MoE-Lite that loads transformers-5 checkpoints (fused experts, tied embeddings)."""
 
     zero_aware = False
