@@ -1,9 +1,11 @@
 """A/B load test: the same headless locust load against two servers, in alternation, side by side.
 
     python loadtest/ab.py --a-model models/tiny-teacher --b-model models/tiny-zeda --out build/ab
+    python loadtest/ab.py --a-model models/tiny-teacher --b-model models/tiny-zeda --backend sglang --out build/ab
     python loadtest/ab.py --a http://host-a:8000 --b http://host-b:8000 --users 16 --run-time 60s --rounds 3
 
-With ``--a-model`` / ``--b-model`` it starts both servers itself on loopback. Each round runs
+With ``--a-model`` / ``--b-model`` it starts both servers itself on loopback, on the engine
+``--backend`` names (torch or sglang). Each round runs
 the load against A, then B (the order flips every round). Output in ``--out``:
 
 - ``ab.json``: per side, latency percentiles (end to end, TTFT, inter-token), throughput,
@@ -38,7 +40,8 @@ from locustfile import load_prompt_file  # noqa: E402
 from zeda_core.atomic import atomic_write_text, write_marked_section  # noqa: E402
 from zeda_server.launch import running_server  # noqa: E402
 
-AB_MARKER = "bench:ab:cpu"
+AB_MARKERS = {"torch": "bench:ab:cpu", "sglang": "bench:ab:cpu:sglang"}
+SGLANG_START_S = 600.0
 COUNTERS = ("zeda_expert_flops_saved_total", "zeda_dense_expert_flops_total", "zeda_expert_flops_total")
 
 
@@ -195,9 +198,10 @@ def benchmark_section(result: dict) -> str:
     def ms(value: float | None) -> str:
         return "n/a" if value is None else f"{value * 1e3:.0f} ms"
 
+    marker = AB_MARKERS[load["backend"]]
     lines = [
-        f"<!-- {AB_MARKER} -->",
-        f"## A/B load test on CPU: {names['B']} vs {names['A']}",
+        f"<!-- {marker} -->",
+        f"## A/B load test on CPU ({load['backend']} backend): {names['B']} vs {names['A']}",
         "",
         f"Command: `{result['command']}`.",
         f"Load: {load['users']} users sending back to back, {load['run_time']} per run, {load['rounds']} rounds",
@@ -218,7 +222,7 @@ def benchmark_section(result: dict) -> str:
         "",
         f"{names['B']} / {names['A']}: throughput {ratios['tokens_per_s']:.2f}x, "
         f"p50 latency {ratios['p50_latency_s']:.2f}x, p95 latency {ratios['p95_latency_s']:.2f}x.",
-        f"<!-- /{AB_MARKER} -->",
+        f"<!-- /{marker} -->",
     ]
     return "\n".join(lines) + "\n"
 
@@ -256,7 +260,13 @@ def run_ab(args: argparse.Namespace, urls: dict[str, str]) -> dict:
         "command": shlex.join(["python", "loadtest/ab.py", *sys.argv[1:]]),
         "names": {"A": args.a_name, "B": args.b_name},
         "urls": urls,
-        "load": {"users": args.users, "run_time": args.run_time, "rounds": args.rounds, "max_tokens": args.max_tokens},
+        "load": {
+            "users": args.users,
+            "run_time": args.run_time,
+            "rounds": args.rounds,
+            "max_tokens": args.max_tokens,
+            "backend": args.backend,
+        },
         "sides": sides,
         "ratios_b_over_a": ratios,
     }
@@ -271,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
             f"--{side}-model", type=Path, help=f"start server {side.upper()} on loopback from this model"
         )
         parser.add_argument(f"--{side}-name", default=None, help=f"label of {side.upper()} in the report")
+    parser.add_argument(
+        "--backend", choices=sorted(AB_MARKERS), default="torch", help="engine of the servers --a/b-model start"
+    )
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--run-time", default="30s", help="per locust run, e.g. 30s or 2m")
     parser.add_argument("--rounds", type=int, default=2)
@@ -297,14 +310,18 @@ def main(argv: list[str] | None = None) -> int:
             for side, url, model in (("A", args.a, args.a_model), ("B", args.b, args.b_model)):
                 if model is not None and not model.is_dir():
                     raise AbError(f"--{side.lower()}-model {model} is not a model directory")
-                urls[side] = url.rstrip("/") if url else stack.enter_context(running_server(model))
+                if url:
+                    urls[side] = url.rstrip("/")
+                else:
+                    server = running_server(model, "--backend", args.backend, startup_timeout=SGLANG_START_S)
+                    urls[side] = stack.enter_context(server)
             result = run_ab(args, urls)
     except (AbError, ValueError) as exc:
         print(f"ab: error: {exc}", file=sys.stderr)
         return 2
     write_outputs(result, args.out)
     if args.write:
-        write_marked_section(args.write, AB_MARKER, benchmark_section(result))
+        write_marked_section(args.write, AB_MARKERS[args.backend], benchmark_section(result))
     for side in ("A", "B"):
         s = result["sides"][side]
         print(

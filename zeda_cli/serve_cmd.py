@@ -24,6 +24,8 @@ FLAGS = {
     "--max-tokens-cap": (int, "largest max_tokens a request may ask for"),
     "--max-total-tokens": (int, "sglang: KV-cache pool in tokens (CPU default: max-batch contexts, at most 65536)"),
     "--tp-size": (int, "sglang: tensor-parallel ranks"),
+    "--shutdown-timeout": (float, "seconds admitted requests may run on after SIGTERM before they are cancelled"),
+    "--request-timeout": (float, "per-request deadline in seconds (off when unset): 504, or an error chunk"),
     "--capture-db": (str, "capture prompts into this SQLite file (off when unset)"),
     "--capture-completions": (str, "also capture completions (true/false)"),
     "--capture-max-rows": (int, "rows the capture store keeps (oldest dropped first)"),
@@ -58,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
 
     from zeda_server.app import create_app
     from zeda_server.engine import TorchEngine
+    from zeda_server.lifecycle import DrainingServer, Lifecycle
+    from zeda_server.request_log import configure_request_log
     from zeda_server.settings import ServerSettings
 
     if args.config is not None:
@@ -90,14 +94,27 @@ def run(args: argparse.Namespace) -> int:
     else:
         dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
         engine = TorchEngine(settings.model, settings.device, dtype, settings.max_batch, settings.max_queue)
-    app = create_app(settings, engine)
+    lifecycle = Lifecycle()
+    app = create_app(settings, engine, lifecycle)
+
+    async def drained(cancelled: int) -> None:
+        print(f"zeda serve: drained ({cancelled} requests cancelled at the {settings.shutdown_timeout:g} s timeout)")
+        app.state.capture.close()
+
+    configure_request_log()
+    # One JSON line per request (zeda_server.request_log) stands in for uvicorn's access log.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=False)
+    server = DrainingServer(config, lifecycle, settings.shutdown_timeout, drained)
+    if settings.backend == "sglang":
+        engine.route_sigterm_to(server.handle_exit)
     print(
         f"zeda serve: {settings.model_name} ({engine.fingerprint}) on http://{settings.host}:{settings.port}"
         f"  dashboard: /dashboard  metrics: /metrics",
         flush=True,
     )
+    lifecycle.ready = True
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
+        server.run()
     finally:
         engine.shutdown()
     return 0

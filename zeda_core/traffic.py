@@ -163,7 +163,9 @@ class TrafficStore:
         return len(records)
 
     def close(self) -> None:
+        """Fold the write-ahead log into the database file, then close it."""
         with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
             self._db.close()
 
 

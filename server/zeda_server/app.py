@@ -1,8 +1,10 @@
 """The OpenAI-compatible HTTP API of ZEDA over an engine.
 
 Routes: ``/v1/chat/completions``, ``/v1/completions`` (streamed over SSE or not; prompt
-log-probs with ``echo`` + ``max_tokens: 0`` for remote teachers), ``/v1/models``, ``/health``,
-``/metrics`` (Prometheus) and ``/dashboard`` (a live page fed by ``/dashboard/stats``).
+log-probs with ``echo`` + ``max_tokens: 0`` for remote teachers), ``/v1/models``, ``/health``
+(liveness), ``/ready`` (readiness: false while loading or draining), ``/metrics`` (Prometheus)
+and ``/dashboard`` (a live page fed by ``/dashboard/stats``). While the server drains
+(:mod:`zeda_server.lifecycle`) new inference requests get 503 with ``Retry-After``.
 Every response's ``usage.zeda`` holds the request's own expert FLOPs, and its
 ``system_fingerprint`` names the model version that produced it.
 
@@ -32,8 +34,10 @@ from zeda_server.candidates import CandidateRejected, Scope
 from zeda_server.capture import TrafficCapture
 from zeda_server.engine import QueueFull, SamplingParams, StepOutput, TorchEngine
 from zeda_server.errors import ApiError, error_response, install_error_handlers
+from zeda_server.lifecycle import Cancelled, Lifecycle
 from zeda_server.metrics import ServerMetrics
 from zeda_server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, usage_body
+from zeda_server.request_log import RequestLog
 from zeda_server.settings import ServerSettings
 
 RETRY_AFTER_SECONDS = "1"
@@ -50,13 +54,21 @@ class CaptureToggle(BaseModel):
     enabled: bool
 
 
-def create_app(settings: ServerSettings, engine: TorchEngine) -> FastAPI:
-    """The FastAPI app serving ``engine`` under ``settings`` (keys, limits, names)."""
+def create_app(settings: ServerSettings, engine: TorchEngine, lifecycle: Lifecycle | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine`` under ``settings`` (keys, limits, names).
+
+    ``lifecycle`` (readiness, requests in flight, drain) is shared with the server that runs the
+    app; without one the app makes its own, ready at once.
+    """
     app = FastAPI(title="ZEDA", version="0.1.0")
     metrics = ServerMetrics()
     capture = TrafficCapture(settings)
     swap_lock = asyncio.Lock()
+    if lifecycle is None:
+        lifecycle = Lifecycle()
+        lifecycle.ready = True
     app.state.engine, app.state.metrics, app.state.settings, app.state.capture = engine, metrics, settings, capture
+    app.state.lifecycle = lifecycle
     install_error_handlers(app)
     if settings.cors_origins:
         app.add_middleware(
@@ -65,11 +77,22 @@ def create_app(settings: ServerSettings, engine: TorchEngine) -> FastAPI:
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
+        if lifecycle.draining and request.url.path.startswith("/v1/"):
+            error = ApiError(
+                503,
+                "the server is shutting down; retry on another replica",
+                code="server_shutting_down",
+                headers={"Retry-After": RETRY_AFTER_SECONDS},
+            )
+            return error_response(error)
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
             error = ApiError(413, f"request body over {settings.max_body_bytes} bytes", code="body_too_large")
             return error_response(error)
         return await call_next(request)
+
+    def open_handle(endpoint: str, prompt: list[int], params: SamplingParams) -> _Handle:
+        return _Handle(engine, metrics, lifecycle, endpoint, prompt, params, settings.request_timeout)
 
     def require_api_key(request: Request) -> None:
         _check_bearer(request, settings.api_key.get_secret_value() if settings.api_key else None, "API key")
@@ -119,6 +142,12 @@ def create_app(settings: ServerSettings, engine: TorchEngine) -> FastAPI:
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": settings.model_name, "system_fingerprint": engine.fingerprint}
 
+    @app.get("/ready")
+    async def ready() -> Response:
+        state = "draining" if lifecycle.draining else "ready" if lifecycle.ready else "loading"
+        body = {"ready": state == "ready", "state": state, "in_flight": lifecycle.in_flight}
+        return Response(json.dumps(body), 200 if state == "ready" else 503, media_type="application/json")
+
     @app.get("/v1/models", dependencies=[Depends(require_api_key)])
     async def models() -> dict[str, Any]:
         card = {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "zeda"}
@@ -150,7 +179,8 @@ def create_app(settings: ServerSettings, engine: TorchEngine) -> FastAPI:
             raise ApiError(400, str(exc), param="messages") from exc
         prompt = engine.chat_prompt(messages)
         params = _sampling(body, body.token_limit(), len(prompt), engine, settings)
-        handle = _Handle(engine, metrics, "chat", prompt, params)
+        handle = open_handle("chat", prompt, params)
+        request.state.zeda_handles = [handle]
         if capture.wants(request):
             single_turn = len(messages) == 1 and messages[0]["role"] == "user"
             text = messages[0]["content"] if single_turn else engine.tokenizer.decode(prompt)
@@ -173,10 +203,10 @@ def create_app(settings: ServerSettings, engine: TorchEngine) -> FastAPI:
             return await _score(prompts, engine, metrics, settings)
         if body.stream and len(prompts) > 1:
             raise ApiError(400, "streaming takes a single prompt", param="prompt")
-        handles = []
+        handles = request.state.zeda_handles = []
         for prompt in prompts:
             params = _sampling(body, body.max_tokens, len(prompt), engine, settings)
-            handles.append(_Handle(engine, metrics, "completions", prompt, params))
+            handles.append(open_handle("completions", prompt, params))
             if capture.wants(request):
                 handles[-1].capture_as(capture, engine.tokenizer.decode(prompt, skip_special_tokens=True), chat=False)
         for handle in handles:
@@ -195,17 +225,32 @@ def create_app(settings: ServerSettings, engine: TorchEngine) -> FastAPI:
         usage = _sum_usage([h.usage() for h in handles])
         return _envelope(handles[0], "text_completion", settings) | {"choices": choices, "usage": usage}
 
+    app.add_middleware(RequestLog)  # outermost: every answer, 4xx and 503 included, gets its id and log line
     return app
 
 
 class _Handle:
-    """One request in the engine: its stream, timings, and final usage."""
+    """One request in the engine: its stream, timings, final usage, and its place among the requests in flight.
+
+    From :meth:`start` to :meth:`aclose` it counts in ``lifecycle``; the drain or its deadline
+    (``timeout`` s) can cancel it, which ends it with :class:`Cancelled` as an ``ApiError``.
+    """
 
     def __init__(
-        self, engine: TorchEngine, metrics: ServerMetrics, endpoint: str, prompt: list[int], params: SamplingParams
+        self,
+        engine: TorchEngine,
+        metrics: ServerMetrics,
+        lifecycle: Lifecycle,
+        endpoint: str,
+        prompt: list[int],
+        params: SamplingParams,
+        timeout: float | None = None,
     ) -> None:
-        self.engine, self.metrics, self.endpoint = engine, metrics, endpoint
-        self.prompt, self.params = prompt, params
+        self.engine, self.metrics, self.lifecycle, self.endpoint = engine, metrics, lifecycle, endpoint
+        self.prompt, self.params, self.timeout = prompt, params, timeout
+        self._cancelled: Cancelled | None = None
+        self._waiting: asyncio.Task | None = None  # the task awaiting the engine's next output
+        self._deadline: asyncio.TimerHandle | None = None
         self.id = uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.started = time.perf_counter()
@@ -222,13 +267,41 @@ class _Handle:
         """Store this request in the traffic store when it finishes."""
         self._capture = (capture, prompt, chat)
 
+    def cancel(self, why: Cancelled) -> None:
+        """End the request early with ``why``: at once if it waits for the engine, else at its next output."""
+        if self._cancelled is None:
+            self._cancelled = why
+            if self._waiting is not None:
+                self._waiting.cancel()
+
+    async def _next(self, stream: AsyncIterator[StepOutput]) -> StepOutput:
+        """The engine's next output, or :class:`ApiError` once the request is cancelled."""
+        if self._cancelled is None:
+            self._waiting = asyncio.current_task()
+            try:
+                return await anext(stream)
+            except asyncio.CancelledError:
+                if self._cancelled is None:
+                    raise
+                self._waiting.uncancel()
+            finally:
+                self._waiting = None
+        why = self._cancelled
+        self.metrics.record_error(self.endpoint, why.status)
+        raise ApiError(why.status, why.message, code=why.code) from why
+
     async def start(self) -> None:
         """Queue the request; a full engine answers 429 before any response starts."""
+        self.lifecycle.admit(self, self.cancel)
+        if self.timeout is not None:
+            why = Cancelled(f"the request ran past its deadline of {self.timeout:g} s", 504, "request_timeout")
+            self._deadline = asyncio.get_running_loop().call_later(self.timeout, self.cancel, why)
+        stream = self.engine.submit(self.prompt, self.params)
         try:
-            stream = self.engine.submit(self.prompt, self.params)
-            self._first = await anext(stream)
+            self._first = await self._next(stream)
             self.fingerprint = self._first.fingerprint or self.fingerprint
         except QueueFull as exc:
+            await self._finish(stream)
             self.metrics.record_error(self.endpoint, 429)
             raise ApiError(
                 429,
@@ -236,6 +309,9 @@ class _Handle:
                 code="queue_full",
                 headers={"Retry-After": RETRY_AFTER_SECONDS},
             ) from exc
+        except BaseException:
+            await self._finish(stream)
+            raise
         self._stream = stream
 
     async def outputs(self) -> AsyncIterator[StepOutput]:
@@ -261,12 +337,15 @@ class _Handle:
                 yield output
                 return
             yield output
-            output = await anext(self._stream)
+            output = await self._next(self._stream)
 
     async def collect(self) -> tuple[str, str]:
         finish = "length"
-        async for output in self.outputs():
-            finish = output.finish_reason or finish
+        try:
+            async for output in self.outputs():
+                finish = output.finish_reason or finish
+        finally:
+            await self.aclose()
         return "".join(self.text_parts), finish
 
     def usage(self) -> dict[str, Any]:
@@ -277,8 +356,17 @@ class _Handle:
         return [self.engine.tokenizer.decode([t]) for t in self.token_ids]
 
     async def aclose(self) -> None:
-        if self._stream is not None:
-            await self._stream.aclose()
+        """Stop the engine stream (aborting it if unfinished) and leave the requests in flight."""
+        await self._finish(self._stream)
+
+    async def _finish(self, stream: AsyncIterator[StepOutput] | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        try:
+            if stream is not None:
+                await stream.aclose()
+        finally:
+            self.lifecycle.release(self)
 
 
 def _check_bearer(request: Request, expected: str | None, what: str) -> None:

@@ -59,6 +59,12 @@ class TrafficCapture:
         except Exception:  # capture is a side channel: the response has been produced already
             _log.exception("capture write failed")
 
+    def close(self) -> None:
+        """Stop capturing and close the store, its log folded in (the server's last step on shutdown)."""
+        self.enabled = False
+        if self.store is not None:
+            self.store.close()
+
     def status(self) -> dict[str, object]:
         return {
             "available": self.store is not None,

@@ -11,6 +11,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -30,13 +31,22 @@ def running_server(
     The server's log goes to a temporary file: an undrained pipe would fill up and block it.
     ``startup_timeout`` (seconds) bounds the wait for ``/health``; SGLang's engine needs longer.
     """
+    with server_process(model, *flags, env=env, startup_timeout=startup_timeout) as (url, _process, _log):
+        yield url
+
+
+@contextlib.contextmanager
+def server_process(
+    model: Path, *flags: str, env: dict[str, str] | None = None, startup_timeout: float = 120.0
+) -> Iterator[tuple[str, subprocess.Popen, IO[str]]]:
+    """:func:`running_server` that also yields the process and its log file (to signal it, read its exit)."""
     port = free_port()
     command = [sys.executable, "-m", "zeda_cli.main", "serve", "--model", str(model), "--port", str(port), *flags]
     with tempfile.TemporaryFile(mode="w+") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         try:
             url = _wait_healthy(process, port, log, startup_timeout)
-            yield url
+            yield url, process, log
         finally:
             process.terminate()
             try:

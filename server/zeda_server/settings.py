@@ -31,6 +31,8 @@ class ServerSettings(BaseSettings):
     max_tokens_cap: int = Field(default=1024, ge=1)
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     max_total_tokens: int | None = Field(default=None, ge=1)
+    shutdown_timeout: float = Field(default=30.0, ge=0)
+    request_timeout: float | None = Field(default=None, gt=0)
     tp_size: int = Field(default=1, ge=1)
     sglang_args: list[str] = []
     cors_origins: list[str] = []

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -222,6 +224,21 @@ class SglangEngine:
     @property
     def running(self) -> int:
         return self._in_flight
+
+    def route_sigterm_to(self, handler: Callable[[int, FrameType | None], None]) -> None:
+        """Make SIGTERM call ``handler`` (``zeda serve``'s drain) while SGLang serves.
+
+        SGLang's tokenizer manager claims SIGTERM on its event loop at the first request and runs
+        its own drain, which ends the process; its handler class is swapped for one that hands
+        the signal on.
+        """
+        manager = self.engine.tokenizer_manager
+
+        class HandOnSigterm(manager.signal_handler_class):
+            def sigterm_handler(self, signum=None, frame=None) -> None:
+                handler(signal.SIGTERM, frame)
+
+        manager.signal_handler_class = HandOnSigterm
 
     def forward_counts(self) -> ForwardCounts:
         """Slots the CPU MoE forward computed and skipped, and seconds in MoE blocks and model forwards,

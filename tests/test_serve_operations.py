@@ -1,0 +1,163 @@
+"""Operating a real ``zeda serve``: SIGTERM drain with streams in flight, readiness, deadlines, request logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from sglang_guard import sglang_marks
+
+from zeda_server.launch import server_process
+
+# The session's small ZEDA model (conftest): its greedy completions run to max_tokens, so the
+# streams are still going when the signal arrives.
+STREAMS = 8
+LONG_TOKENS = 300
+SHUTDOWN_TIMEOUT_S = 120.0
+
+
+async def _stream(client: httpx.AsyncClient, url: str, index: int, started: asyncio.Event, count: list[int]) -> dict:
+    """One streamed completion; returns its status, finish reason, and any error chunk."""
+    body = {
+        "model": "student",
+        "prompt": f"Sort: {index} 9 4",  # greedy decoding of this prompt runs to max_tokens
+        "max_tokens": LONG_TOKENS,
+        "temperature": 0,
+        "stream": True,
+    }
+    finish, error, done, counted = None, None, False, False
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                continue
+            chunk = json.loads(line.removeprefix("data: "))
+            if "error" in chunk:
+                error = chunk["error"]
+                continue
+            if chunk["choices"] and chunk["choices"][0]["finish_reason"]:
+                finish = chunk["choices"][0]["finish_reason"]
+            if not counted and chunk["choices"] and chunk["choices"][0]["text"]:
+                counted, count[0] = True, count[0] + 1
+                if count[0] == STREAMS:  # every stream is producing text
+                    started.set()
+    return {"status": response.status_code, "finish": finish, "error": error, "done": done}
+
+
+async def _streams_then_signal(url: str, process, during_drain) -> tuple[list[dict], dict]:
+    """Start STREAMS streams, SIGTERM the server once they all produce text, probe it while it drains."""
+    started, count = asyncio.Event(), [0]
+    async with httpx.AsyncClient(timeout=600) as client:
+        tasks = [asyncio.create_task(_stream(client, url, i, started, count)) for i in range(STREAMS)]
+        await asyncio.wait_for(started.wait(), 300)
+        process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        probes = await during_drain(client, url)
+        return list(await asyncio.gather(*tasks)), probes
+
+
+async def _probe(client: httpx.AsyncClient, url: str) -> dict:
+    body = {"model": "student", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    late = await client.post(f"{url}/v1/chat/completions", json=body)
+    return {
+        "late": (late.status_code, late.headers.get("retry-after"), late.json()),
+        "ready": ((ready := await client.get(f"{url}/ready")).status_code, ready.json()),
+        "health": (await client.get(f"{url}/health")).status_code,
+    }
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("sglang", marks=[*sglang_marks(), pytest.mark.slow])])
+def test_sigterm_drains_every_stream_then_exits_0(backend: str, small_student: Path, tmp_path: Path) -> None:
+    db = tmp_path / "capture.db"
+    flags = ("--backend", backend, "--capture-db", str(db), "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S))
+    with server_process(small_student, *flags, startup_timeout=600) as (url, process, log):
+        assert httpx.get(f"{url}/ready", timeout=10).json() == {"ready": True, "state": "ready", "in_flight": 0}
+        signalled = time.monotonic()
+        streams, probes = asyncio.run(_streams_then_signal(url, process, _probe))
+        code = process.wait(timeout=SHUTDOWN_TIMEOUT_S)
+        log.seek(0)
+        output = log.read()
+    assert code == 0, output[-3000:]
+    assert time.monotonic() - signalled < SHUTDOWN_TIMEOUT_S
+    assert all(s["status"] == 200 and s["finish"] in {"stop", "length"} and s["done"] for s in streams), streams
+    assert not any(s["error"] for s in streams)
+    status, retry_after, body = probes["late"]
+    assert status == 503 and retry_after and body["error"]["code"] == "server_shutting_down"
+    assert probes["ready"][0] == 503 and probes["ready"][1]["state"] == "draining"
+    assert probes["ready"][1]["in_flight"] >= 1 and probes["health"] == 200
+    assert "drained (0 requests cancelled" in output
+    with sqlite3.connect(db) as captured:  # every finished stream was captured before the exit
+        assert captured.execute("SELECT COUNT(*) FROM captures").fetchone()[0] == STREAMS
+
+
+async def _probe_nothing(client: httpx.AsyncClient, url: str) -> dict:
+    return {}
+
+
+def test_a_drain_past_its_timeout_ends_streams_with_an_error_chunk(small_student: Path) -> None:
+    with server_process(small_student, "--shutdown-timeout", "0.5") as (url, process, log):
+        streams, _ = asyncio.run(_streams_then_signal(url, process, _probe_nothing))
+        code = process.wait(timeout=60)
+        log.seek(0)
+        output = log.read()
+    assert code == 0, output[-3000:]
+    cut = [s for s in streams if s["error"]]
+    assert cut and all(s["error"]["code"] == "server_shutting_down" and s["done"] for s in cut)
+    assert f"drained ({len(cut)} requests cancelled" in output
+
+
+def test_request_deadline_answers_504_or_ends_the_stream(small_student: Path) -> None:
+    with server_process(small_student, "--request-timeout", "0.3") as (url, _process, _log):
+        body = {"model": "student", "prompt": "Sort: 3 1 2", "max_tokens": 900, "temperature": 0}
+        late = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert late.status_code == 504 and late.json()["error"]["code"] == "request_timeout"
+        with httpx.stream("POST", f"{url}/v1/completions", json=body | {"stream": True}, timeout=60) as stream:
+            lines = [line for line in stream.iter_lines() if line.startswith("data: ")]
+        assert json.loads(lines[-2].removeprefix("data: "))["error"]["code"] == "request_timeout"
+        assert lines[-1] == "data: [DONE]"
+        short = httpx.post(f"{url}/v1/completions", json=body | {"max_tokens": 2}, timeout=60)
+        assert short.status_code == 200
+        assert httpx.get(f"{url}/ready", timeout=10).json()["in_flight"] == 0
+
+
+def _log_lines(log) -> list[dict]:
+    log.seek(0)
+    return [json.loads(line) for line in log.read().splitlines() if line.startswith('{"request_id"')]
+
+
+def test_request_id_is_echoed_and_every_request_logs_one_json_line(small_student: Path) -> None:
+    with server_process(small_student) as (url, _process, log):
+        body = {"model": "student", "prompt": "Sort: 3 1 2", "max_tokens": 5, "temperature": 0}
+        given = httpx.post(f"{url}/v1/completions", json=body, headers={"X-Request-Id": "job-42"}, timeout=60)
+        assert given.status_code == 200 and given.headers["x-request-id"] == "job-42"
+        made = httpx.post(f"{url}/v1/completions", json=body | {"stream": True}, timeout=60)
+        assert made.status_code == 200 and len(made.headers["x-request-id"]) == 32
+        bad = httpx.post(f"{url}/v1/completions", json=body | {"max_tokens": -1}, headers={"X-Request-Id": "b"})
+        assert bad.status_code == 400 and bad.headers["x-request-id"] == "b"
+        httpx.get(f"{url}/health", timeout=10)  # probes are not logged
+        time.sleep(0.5)
+        lines = {line["request_id"]: line for line in _log_lines(log)}
+    usage = given.json()["usage"]
+    assert lines["job-42"] | {"latency_s": 0} == {
+        "request_id": "job-42",
+        "method": "POST",
+        "path": "/v1/completions",
+        "status": 200,
+        "latency_s": 0,
+        "prompt_tokens": usage["prompt_tokens"],
+        "completion_tokens": usage["completion_tokens"],
+        "zero_expert_ratio": pytest.approx(usage["zeda"]["zero_expert_ratio"]),
+        "disconnected": False,
+    }
+    streamed = lines[made.headers["x-request-id"]]
+    assert streamed["status"] == 200 and streamed["completion_tokens"] == 5 and not streamed["disconnected"]
+    assert lines["b"]["status"] == 400 and "completion_tokens" not in lines["b"]
+    assert len(lines) == 3
