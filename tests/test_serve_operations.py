@@ -161,3 +161,28 @@ def test_request_id_is_echoed_and_every_request_logs_one_json_line(small_student
     assert streamed["status"] == 200 and streamed["completion_tokens"] == 5 and not streamed["disconnected"]
     assert lines["b"]["status"] == 400 and "completion_tokens" not in lines["b"]
     assert len(lines) == 3
+
+
+async def _requests_while_the_engine_dies(url: str) -> tuple[list[httpx.Response], float]:
+    """One long request runs (max_batch 1), seven wait behind it; the engine dies meanwhile."""
+    body = {"model": "student", "prompt": "Sort: 5 2 9", "max_tokens": 400, "temperature": 0}
+    async with httpx.AsyncClient(timeout=60) as client:
+        started = time.monotonic()
+        answers = await asyncio.gather(*(client.post(f"{url}/v1/completions", json=body) for _ in range(8)))
+        return list(answers), time.monotonic() - started
+
+
+def test_a_dead_engine_thread_turns_readiness_false_and_answers_503(small_student: Path) -> None:
+    entry = (str(Path(__file__).with_name("faulty_engine_serve.py")),)
+    with server_process(small_student, "--max-batch", "1", entry=entry) as (url, _process, _log):
+        answers, seconds = asyncio.run(_requests_while_the_engine_dies(url))
+        ready = httpx.get(f"{url}/ready", timeout=10)
+        late = httpx.post(f"{url}/v1/completions", json={"model": "student", "prompt": "hi"}, timeout=10)
+        health = httpx.get(f"{url}/health", timeout=10)
+    assert seconds < 5.0 + 2.0  # the fault comes within a second of the first request
+    assert [a.status_code for a in answers] == [503] * 8
+    assert all(a.json()["error"]["code"] == "engine_unavailable" for a in answers)
+    assert "fault injected in the forward" in answers[0].json()["error"]["message"]
+    assert ready.status_code == 503 and ready.json()["state"] == "failed"
+    assert late.status_code == 503 and late.json()["error"]["code"] == "engine_unavailable"
+    assert health.status_code == 200  # liveness: the process answers; readiness routes traffic away

@@ -32,7 +32,7 @@ from sse_starlette import EventSourceResponse
 
 from zeda_server.candidates import CandidateRejected, Scope
 from zeda_server.capture import TrafficCapture
-from zeda_server.engine import QueueFull, SamplingParams, StepOutput, TorchEngine
+from zeda_server.engine import EngineFailed, QueueFull, SamplingParams, StepOutput, TorchEngine
 from zeda_server.errors import ApiError, error_response, install_error_handlers
 from zeda_server.lifecycle import Cancelled, Lifecycle
 from zeda_server.metrics import ServerMetrics
@@ -144,7 +144,8 @@ def create_app(settings: ServerSettings, engine: TorchEngine, lifecycle: Lifecyc
 
     @app.get("/ready")
     async def ready() -> Response:
-        state = "draining" if lifecycle.draining else "ready" if lifecycle.ready else "loading"
+        failed = engine.failure is not None
+        state = "failed" if failed else "draining" if lifecycle.draining else "ready" if lifecycle.ready else "loading"
         body = {"ready": state == "ready", "state": state, "in_flight": lifecycle.in_flight}
         return Response(json.dumps(body), 200 if state == "ready" else 503, media_type="application/json")
 
@@ -290,6 +291,10 @@ class _Handle:
         self.metrics.record_error(self.endpoint, why.status)
         raise ApiError(why.status, why.message, code=why.code) from why
 
+    def _unavailable(self, reason: str) -> ApiError:
+        self.metrics.record_error(self.endpoint, 503)
+        return ApiError(503, f"the engine has stopped ({reason}); retry on another replica", code="engine_unavailable")
+
     async def start(self) -> None:
         """Queue the request; a full engine answers 429 before any response starts."""
         self.lifecycle.admit(self, self.cancel)
@@ -300,6 +305,9 @@ class _Handle:
         try:
             self._first = await self._next(stream)
             self.fingerprint = self._first.fingerprint or self.fingerprint
+        except EngineFailed as exc:
+            await self._finish(stream)
+            raise self._unavailable(str(exc)) from exc
         except QueueFull as exc:
             await self._finish(stream)
             self.metrics.record_error(self.endpoint, 429)
@@ -324,6 +332,8 @@ class _Handle:
             self.logprobs += output.logprobs
             self.text_parts.append(output.text)
             if output.finish_reason == "error":
+                if self.engine.failure is not None:
+                    raise self._unavailable(self.engine.failure)
                 self.metrics.record_error(self.endpoint, 500)
                 raise ApiError(500, f"generation failed: {output.error}", code="engine_error")
             if output.finish_reason is not None:
@@ -436,7 +446,12 @@ async def _score(
         if len(ids) > engine.context_length:
             message = f"a prompt is {len(ids)} tokens; the context window is {engine.context_length}"
             raise ApiError(400, message, "prompt", "context_length_exceeded")
-    scores, report, fingerprint = await engine.score(prompts)
+    try:
+        scores, report, fingerprint = await engine.score(prompts)
+    except EngineFailed as exc:
+        metrics.record_error("completions", 503)
+        message = f"the engine has stopped ({exc}); retry on another replica"
+        raise ApiError(503, message, code="engine_unavailable") from exc
     tokens = sum(map(len, prompts))
     metrics.record("completions", tokens, 0, report)
     choices = []

@@ -43,6 +43,10 @@ class QueueFull(Exception):
     """The engine holds ``max_queue`` requests already."""
 
 
+class EngineFailed(Exception):
+    """The engine thread has stopped on an error; nothing more will be served."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int
@@ -149,6 +153,8 @@ class TorchEngine:
         self._swaps: collections.deque[_SwapJob] = collections.deque()
         self._wake = threading.Condition()
         self._stopping = False
+        self.failure: str | None = None  # why the engine thread stopped, once it has
+        self._admitted: list[_Request] = []
         self._thread = threading.Thread(target=self._loop, name="zeda-engine", daemon=True)
         self._thread.start()
 
@@ -186,6 +192,8 @@ class TorchEngine:
             generator=torch.Generator().manual_seed(params.seed) if params.seed is not None else None,
         )
         with self._wake:
+            if self.failure is not None:
+                raise EngineFailed(self.failure)
             if len(self._waiting) + self.running >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests in flight")
             self._waiting.append(request)
@@ -203,6 +211,8 @@ class TorchEngine:
         """Log-probs of tokens 1..n-1 of each sequence under the model, the FLOPs spent, the fingerprint."""
         job = _ScoreJob(sequences, Future())
         with self._wake:
+            if self.failure is not None:
+                raise EngineFailed(self.failure)
             self._scores.append(job)
             self._wake.notify()
         return await asyncio.wrap_future(job.future)
@@ -245,6 +255,28 @@ class TorchEngine:
     # -- engine thread --------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        """Serve until shutdown; if the loop itself fails, fail every request it holds and stop."""
+        try:
+            self._serve()
+        except BaseException as exc:
+            self._fail(f"{type(exc).__name__}: {exc}")
+            raise
+
+    def _fail(self, reason: str) -> None:
+        """Mark the engine failed and end every waiting and running request and job with ``reason``."""
+        with self._wake:
+            self.failure = reason
+            requests = [*self._admitted, *self._waiting, *(r for lane in self._lanes for r in lane.running)]
+            jobs = [*self._scores, *self._swaps]
+            for queue in (self._waiting, self._scores, self._swaps):
+                queue.clear()
+        for request in {id(r): r for r in requests}.values():
+            request.emit(StepOutput("", [], [], finish_reason="error", error=f"the engine stopped: {reason}"))
+            request.cancelled = True
+        for job in jobs:
+            job.future.set_exception(EngineFailed(reason))
+
+    def _serve(self) -> None:
         while True:
             with self._wake:
                 while not (self._stopping or self._waiting or self._scores or self._swaps or self.running):
@@ -259,6 +291,7 @@ class TorchEngine:
                 self._scores.clear()
                 room = self.max_batch - self.running
                 admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                self._admitted = admitted  # not in a lane yet: a failed loop must still end them
             for job in jobs:
                 self._run_score(job)
             for lane in list(self._lanes):

@@ -37,11 +37,18 @@ def running_server(
 
 @contextlib.contextmanager
 def server_process(
-    model: Path, *flags: str, env: dict[str, str] | None = None, startup_timeout: float = 120.0
+    model: Path,
+    *flags: str,
+    env: dict[str, str] | None = None,
+    startup_timeout: float = 120.0,
+    entry: tuple[str, ...] = ("-m", "zeda_cli.main"),
 ) -> Iterator[tuple[str, subprocess.Popen, IO[str]]]:
-    """:func:`running_server` that also yields the process and its log file (to signal it, read its exit)."""
+    """:func:`running_server` that also yields the process and its log file (to signal it, read its exit).
+
+    ``entry``: the interpreter arguments that run the ``zeda`` CLI (a script taking the same arguments).
+    """
     port = free_port()
-    command = [sys.executable, "-m", "zeda_cli.main", "serve", "--model", str(model), "--port", str(port), *flags]
+    command = [sys.executable, *entry, "serve", "--model", str(model), "--port", str(port), *flags]
     with tempfile.TemporaryFile(mode="w+") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         try:

@@ -203,6 +203,7 @@ class SglangEngine:
         self.max_queue = max_queue
         self._in_flight = 0
         self._version_lock = RWLock()
+        self.failure: str | None = None  # the torch engine's field; SGLang's own watchdog ends a failed server
         args = engine_arguments(
             self.platform, dtype, max_batch, self.context_length, max_total_tokens, tp_size, sglang_args or {}
         )
