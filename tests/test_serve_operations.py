@@ -186,3 +186,48 @@ def test_a_dead_engine_thread_turns_readiness_false_and_answers_503(small_studen
     assert ready.status_code == 503 and ready.json()["state"] == "failed"
     assert late.status_code == 503 and late.json()["error"]["code"] == "engine_unavailable"
     assert health.status_code == 200  # liveness: the process answers; readiness routes traffic away
+
+
+def _server_resources(url: str, pid: int) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    values = {
+        name: float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+        for name in ("zeda_running_requests", "zeda_queue_depth", "zeda_event_loop_tasks")
+    }
+    values["in_flight"] = httpx.get(f"{url}/ready", timeout=10).json()["in_flight"]
+    values["fds"] = len(list(Path(f"/proc/{pid}/fd").iterdir()))
+    return values
+
+
+async def _open_and_drop_streams(url: str, count: int) -> int:
+    """Open ``count`` long streams, read each one's first chunk, then disconnect them all."""
+    body = {"model": "student", "prompt": "Sort: 8 1 6", "max_tokens": 400, "temperature": 0, "stream": True}
+    opened = 0
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=count)) as client:
+        streams = [client.stream("POST", f"{url}/v1/completions", json=body) for _ in range(count)]
+        responses = await asyncio.gather(*(s.__aenter__() for s in streams))
+        for response in responses:
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    opened += 1
+                    break
+        for stream in streams:
+            await stream.__aexit__(None, None, None)
+    return opened
+
+
+def test_200_dropped_streams_leave_no_rows_tasks_or_descriptors(small_student: Path) -> None:
+    flags = ("--max-batch", "32", "--max-queue", "256")
+    with server_process(small_student, *flags) as (url, process, _log):
+        warm_up = {"model": "student", "prompt": "hi", "max_tokens": 2, "stream": True}
+        httpx.post(f"{url}/v1/completions", json=warm_up, timeout=60)  # starts sse-starlette's one watcher task
+        before = _server_resources(url, process.pid)
+        assert asyncio.run(_open_and_drop_streams(url, 200)) == 200
+        deadline = time.monotonic() + 30
+        while (after := _server_resources(url, process.pid))["in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # the closed sockets' last callbacks
+        after = _server_resources(url, process.pid)
+    assert after["in_flight"] == after["zeda_running_requests"] == after["zeda_queue_depth"] == 0
+    assert after["zeda_event_loop_tasks"] <= before["zeda_event_loop_tasks"]
+    assert after["fds"] <= before["fds"], (before, after)

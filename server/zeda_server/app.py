@@ -158,6 +158,7 @@ def create_app(settings: ServerSettings, engine: TorchEngine, lifecycle: Lifecyc
     async def prometheus() -> Response:
         metrics.queue_depth.set(engine.queue_depth)
         metrics.running.set(engine.running)
+        metrics.loop_tasks.set(len(asyncio.all_tasks()))
         metrics.model.info({"fingerprint": engine.fingerprint, "name": settings.model_name})
         if hasattr(engine, "forward_counts"):
             metrics.record_forward_counts(engine.forward_counts())

@@ -45,6 +45,7 @@ class ServerMetrics:
             ["kind"],
             registry=r,
         )
+        self.loop_tasks = Gauge("zeda_event_loop_tasks", "asyncio tasks alive in the server's event loop.", registry=r)
         self.forward_seconds = Gauge(
             "zeda_forward_seconds",
             "Seconds in the model forward and in its MoE blocks since start (SGLang CPU engine).",
