@@ -38,7 +38,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from zeda_core.atomic import atomic_write_text, write_marked_section
+from zeda_core.atomic import publish_benchmark
 from zeda_core.checkpoint import checkpoint_routing_spec
 from zeda_core.moe import ZeroExpertMoeBlock
 from zeda_server.engine import SamplingParams, TorchEngine
@@ -292,12 +292,7 @@ def main() -> int:
     if args.backend == "torch":
         results["profile"] = {key: moe_profile(str(p), requests, top, args.max_tokens) for key, p in paths.items()}
     section = markdown(results, command, args.backend)
-    print(section)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
-    if args.write:
-        write_marked_section(args.write, MARKERS[args.backend], section)
+    publish_benchmark(section, MARKERS[args.backend], results, args.json, args.write)
     return 0
 
 

@@ -35,7 +35,7 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from locustfile import load_prompt_file  # noqa: E402
+from prompt_file import load_prompt_file  # noqa: E402
 
 from zeda_core.atomic import atomic_write_text, write_marked_section  # noqa: E402
 from zeda_server.launch import running_server  # noqa: E402

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from locust import HttpUser, events, task
+from prompt_file import load_prompt_file
 
 DEFAULT_PROMPTS = Path(__file__).with_name("prompts.jsonl")
 _records: list[dict] = []
@@ -37,28 +38,6 @@ def _arguments(parser) -> None:
     parser.add_argument("--api-key", default="", help="bearer key, if the server needs one")
     parser.add_argument("--records-out", default="", help="write one JSON line per request here at the end")
     parser.add_argument("--seed", type=int, default=0)
-
-
-def load_prompt_file(path: str) -> list[str]:
-    """Prompts of a JSONL file; raises ValueError naming the file and line of a bad record."""
-    prompts = []
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as exc:
-        raise ValueError(f"prompt file {path}: {exc.strerror}") from exc
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number}: invalid JSON ({exc.msg})") from exc
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"]:
-            raise ValueError(f"{path}:{number}: needs a non-empty string field 'prompt'")
-        prompts.append(record["prompt"])
-    if not prompts:
-        raise ValueError(f"prompt file {path} has no prompts")
-    return prompts
 
 
 @events.test_start.add_listener

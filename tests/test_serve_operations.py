@@ -231,3 +231,13 @@ def test_200_dropped_streams_leave_no_rows_tasks_or_descriptors(small_student: P
     assert after["in_flight"] == after["zeda_running_requests"] == after["zeda_queue_depth"] == 0
     assert after["zeda_event_loop_tasks"] <= before["zeda_event_loop_tasks"]
     assert after["fds"] <= before["fds"], (before, after)
+
+
+def test_a_request_past_the_kv_token_cap_is_refused_with_400(small_student: Path) -> None:
+    with server_process(small_student, "--max-total-tokens", "64") as (url, _process, _log):
+        body = {"model": "student", "prompt": "Sort: 3 1 2", "max_tokens": 60}
+        refused = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        served = httpx.post(f"{url}/v1/completions", json=body | {"max_tokens": 8}, timeout=60)
+    error = refused.json()["error"]
+    assert refused.status_code == 400 and error["param"] == "max_tokens" and "--max-total-tokens 64" in error["message"]
+    assert served.status_code == 200

@@ -196,3 +196,34 @@ def test_text_stream_holds_back_possible_stop_strings(pieces, stop, shown, stopp
             break
     out += stream.delta(final=True)
     assert out == shown and stream.stopped == stopped
+
+
+def test_kv_token_cap_queues_requests_past_it_and_serves_them_all(small_student: Path) -> None:
+    params = SamplingParams(max_tokens=40, temperature=0.0)
+    probe = TorchEngine(str(small_student), max_batch=8)
+    prompts = _prompts(probe, 6)
+    probe.shutdown()
+    widest = max(len(p) for p in prompts) + params.max_tokens
+    engine = TorchEngine(str(small_student), max_batch=8, max_total_tokens=2 * widest)  # 2 rows fit, not 3
+    assert engine.max_total_tokens == 2 * widest
+    most_running = [0]
+
+    async def one(prompt: list[int]) -> str:
+        final = None
+        async for output in engine.submit(prompt, params):
+            most_running[0] = max(most_running[0], engine.running)
+            final = output
+        return final.finish_reason
+
+    async def everyone() -> list[str]:
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    try:
+        finishes = asyncio.run(everyone())
+    finally:
+        engine.shutdown()
+    assert all(reason in {"stop", "length"} for reason in finishes)
+    assert most_running[0] == 2  # the cap, not max_batch, bounds the batch; the rest queued
+    default = TorchEngine(str(small_student), max_batch=3)
+    assert default.max_total_tokens == 3 * default.context_length
+    default.shutdown()

@@ -22,7 +22,11 @@ FLAGS = {
     "--max-batch": (int, "requests decoded together"),
     "--max-queue": (int, "requests held before answering 429"),
     "--max-tokens-cap": (int, "largest max_tokens a request may ask for"),
-    "--max-total-tokens": (int, "sglang: KV-cache pool in tokens (CPU default: max-batch contexts, at most 65536)"),
+    "--max-total-tokens": (
+        int,
+        "KV-cache tokens the batch may hold; torch: a cap (prompt + max_tokens per request) with queueing past it, "
+        "default max-batch contexts; sglang: the pool (CPU default: max-batch contexts, at most 65536)",
+    ),
     "--tp-size": (int, "sglang: tensor-parallel ranks"),
     "--shutdown-timeout": (float, "seconds admitted requests may run on after SIGTERM before they are cancelled"),
     "--request-timeout": (float, "per-request deadline in seconds (off when unset): 504, or an error chunk"),
@@ -93,7 +97,9 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
-        engine = TorchEngine(settings.model, settings.device, dtype, settings.max_batch, settings.max_queue)
+        engine = TorchEngine(
+            settings.model, settings.device, dtype, settings.max_batch, settings.max_queue, settings.max_total_tokens
+        )
     lifecycle = Lifecycle()
     app = create_app(settings, engine, lifecycle)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -108,3 +109,14 @@ def write_marked_section(path: Path, marker: str, section: str, header: str = ""
     else:
         text = text.rstrip("\n") + "\n\n" + section
     atomic_write_text(path, text)
+
+
+def publish_benchmark(section: str, marker: str, raw: object, json_path: Path | None, markdown: Path | None) -> None:
+    """Print a benchmark's Markdown ``section``; write ``raw`` as JSON to ``json_path`` and the section
+    into ``markdown`` (its ``marker`` part), each atomically and only when given."""
+    print(section)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json_path, json.dumps(raw, indent=2) + "\n")
+    if markdown is not None:
+        write_marked_section(markdown, marker, section)

@@ -292,10 +292,6 @@ class _Handle:
         self.metrics.record_error(self.endpoint, why.status)
         raise ApiError(why.status, why.message, code=why.code) from why
 
-    def _unavailable(self, reason: str) -> ApiError:
-        self.metrics.record_error(self.endpoint, 503)
-        return ApiError(503, f"the engine has stopped ({reason}); retry on another replica", code="engine_unavailable")
-
     async def start(self) -> None:
         """Queue the request; a full engine answers 429 before any response starts."""
         self.lifecycle.admit(self, self.cancel)
@@ -308,7 +304,7 @@ class _Handle:
             self.fingerprint = self._first.fingerprint or self.fingerprint
         except EngineFailed as exc:
             await self._finish(stream)
-            raise self._unavailable(str(exc)) from exc
+            raise _engine_unavailable(self.metrics, self.endpoint, str(exc)) from exc
         except QueueFull as exc:
             await self._finish(stream)
             self.metrics.record_error(self.endpoint, 429)
@@ -334,7 +330,7 @@ class _Handle:
             self.text_parts.append(output.text)
             if output.finish_reason == "error":
                 if self.engine.failure is not None:
-                    raise self._unavailable(self.engine.failure)
+                    raise _engine_unavailable(self.metrics, self.endpoint, self.engine.failure)
                 self.metrics.record_error(self.endpoint, 500)
                 raise ApiError(500, f"generation failed: {output.error}", code="engine_error")
             if output.finish_reason is not None:
@@ -380,6 +376,12 @@ class _Handle:
             self.lifecycle.release(self)
 
 
+def _engine_unavailable(metrics: ServerMetrics, endpoint: str, reason: str) -> ApiError:
+    """The 503 for a request the stopped engine cannot serve (counted as an error of ``endpoint``)."""
+    metrics.record_error(endpoint, 503)
+    return ApiError(503, f"the engine has stopped ({reason}); retry on another replica", code="engine_unavailable")
+
+
 def _check_bearer(request: Request, expected: str | None, what: str) -> None:
     if expected is None:
         return
@@ -418,6 +420,14 @@ def _sampling(
             "context_length_exceeded",
         )
     limit = max_tokens if max_tokens is not None else min(room, settings.max_tokens_cap)
+    if engine.max_total_tokens is not None and prompt_len + limit > engine.max_total_tokens:
+        raise ApiError(
+            400,
+            f"prompt ({prompt_len}) + max_tokens ({limit}) exceeds the server's KV-cache cap "
+            f"(--max-total-tokens {engine.max_total_tokens})",
+            "max_tokens",
+            "context_length_exceeded",
+        )
     return SamplingParams(limit, body.temperature, body.top_p, body.seed, body.stop_list())
 
 
@@ -450,9 +460,7 @@ async def _score(
     try:
         scores, report, fingerprint = await engine.score(prompts)
     except EngineFailed as exc:
-        metrics.record_error("completions", 503)
-        message = f"the engine has stopped ({exc}); retry on another replica"
-        raise ApiError(503, message, code="engine_unavailable") from exc
+        raise _engine_unavailable(metrics, "completions", str(exc)) from exc
     tokens = sum(map(len, prompts))
     metrics.record("completions", tokens, 0, report)
     choices = []

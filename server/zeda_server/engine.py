@@ -106,6 +106,11 @@ class _Request:
     def emit(self, output: StepOutput) -> None:
         self.loop.call_soon_threadsafe(self.outputs.put_nowait, output)
 
+    @property
+    def reserved_tokens(self) -> int:
+        """KV-cache positions the request can come to hold: its prompt and all its new tokens."""
+        return len(self.prompt_ids) + self.params.max_tokens
+
 
 @dataclass
 class _ScoreJob:
@@ -128,6 +133,8 @@ class TorchEngine:
         dtype: parameter dtype (None keeps the checkpoint's).
         max_batch: rows decoded together.
         max_queue: requests held (running + waiting) before :class:`QueueFull`.
+        max_total_tokens: KV-cache positions the running batch may reserve (prompt + ``max_tokens``
+            of each row); requests past it wait in the queue. None: ``max_batch`` full contexts.
     """
 
     def __init__(
@@ -137,6 +144,7 @@ class TorchEngine:
         dtype: torch.dtype | None = None,
         max_batch: int = 32,
         max_queue: int = 256,
+        max_total_tokens: int | None = None,
     ) -> None:
         checkpoint = resolve_checkpoint(model_path)
         model = load_model(checkpoint, dtype=dtype, device=device)
@@ -145,6 +153,7 @@ class TorchEngine:
         self.context_length = int(model.config.max_position_embeddings)
         self.device = torch.device(device)
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_total_tokens = max_total_tokens or max_batch * self.context_length
         self.current = ModelVersion(model, checkpoint_fingerprint(checkpoint), str(checkpoint))
         self.previous: ModelVersion | None = None
         self._lanes: list[_Lane] = [_Lane(self.current)]  # the last lane takes new requests
@@ -289,8 +298,7 @@ class TorchEngine:
                     self._install(job)
                 jobs = list(self._scores)
                 self._scores.clear()
-                room = self.max_batch - self.running
-                admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                admitted = self._admit()
                 self._admitted = admitted  # not in a lane yet: a failed loop must still end them
             for job in jobs:
                 self._run_score(job)
@@ -304,6 +312,16 @@ class TorchEngine:
                         request.cancelled = True
                     lane.running, lane.kv = [], None
             self._lanes = [lane for lane in self._lanes[:-1] if lane.running] + self._lanes[-1:]
+
+    def _admit(self) -> list[_Request]:
+        """Waiting requests, first come first served, while batch rows and KV-cap tokens last (under the lock)."""
+        rows = self.max_batch - self.running
+        tokens = self.max_total_tokens - sum(r.reserved_tokens for lane in self._lanes for r in lane.running)
+        admitted: list[_Request] = []
+        while self._waiting and len(admitted) < rows and self._waiting[0].reserved_tokens <= tokens:
+            tokens -= self._waiting[0].reserved_tokens
+            admitted.append(self._waiting.popleft())
+        return admitted
 
     def _install(self, job: _SwapJob) -> None:
         """Open a lane for the new version; the old lanes drain. Runs on the engine thread."""

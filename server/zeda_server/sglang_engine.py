@@ -207,6 +207,7 @@ class SglangEngine:
         args = engine_arguments(
             self.platform, dtype, max_batch, self.context_length, max_total_tokens, tp_size, sglang_args or {}
         )
+        self.max_total_tokens: int | None = args.get("max_total_tokens")  # None: SGLang sizes its pool (GPU)
         try:
             self.engine = sglang.Engine(model_path=str(checkpoint), log_level="warning", **args)
         except TypeError as exc:  # an unknown ServerArgs field
