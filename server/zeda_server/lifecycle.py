@@ -10,12 +10,14 @@ second signal exits at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import FrameType
 
 import uvicorn
 
+CANCEL_GRACE_S = 5.0  # after the drain timeout: how long cancelled requests get to send their error
 
 class Cancelled(Exception):
     """A request the server ended before it finished: the drain timed out, or its deadline passed.
@@ -69,14 +71,22 @@ class Lifecycle:
             )
             for cancel in left:
                 cancel(why)
-            await self._idle.wait()
+            with contextlib.suppress(TimeoutError):  # a client that stopped reading cannot hold the exit
+                await asyncio.wait_for(self._idle.wait(), CANCEL_GRACE_S)
             return len(left)
 
 
 class DrainingServer(uvicorn.Server):
     """uvicorn's server with a drain before it exits: first signal drains, a second exits at once."""
 
-    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, shutdown_timeout: float, on_drained) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        lifecycle: Lifecycle,
+        shutdown_timeout: float,
+        on_drained: Callable[[int], Awaitable[None]],
+    ) -> None:
+        """``on_drained(cancelled)`` runs after the drain, before uvicorn stops (flush and close there)."""
         super().__init__(config)
         self.lifecycle, self.shutdown_timeout, self.on_drained = lifecycle, shutdown_timeout, on_drained
         self._drain_task: asyncio.Task | None = None
