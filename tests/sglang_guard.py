@@ -13,3 +13,10 @@ def sglang_marks() -> list[pytest.MarkDecorator]:
     if not HAVE_SGLANG and os.environ.get("CI"):
         pytest.fail("the sglang extra is missing: .ci/run installs it", pytrace=False)
     return [pytest.mark.sglang, pytest.mark.skipif(not HAVE_SGLANG, reason="sglang extra not installed")]
+
+
+def sglang_test(test):
+    """Decorate one test with :func:`sglang_marks` and ``slow`` (it starts SGLang's engine)."""
+    for mark in [*sglang_marks(), pytest.mark.slow]:
+        test = mark(test)
+    return test

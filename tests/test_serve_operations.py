@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sglang_guard import sglang_marks
+from sglang_guard import sglang_marks, sglang_test
 
 from zeda_server.launch import server_process
 
@@ -163,12 +163,18 @@ def test_request_id_is_echoed_and_every_request_logs_one_json_line(small_student
     assert len(lines) == 3
 
 
-async def _requests_while_the_engine_dies(url: str) -> tuple[list[httpx.Response], float]:
-    """One long request runs (max_batch 1), seven wait behind it; the engine dies meanwhile."""
+async def _requests_while_the_engine_dies(url: str, kill=None) -> tuple[list[httpx.Response], float]:
+    """One long request runs (max_batch 1), seven wait behind it; the engine dies meanwhile (``kill()``
+    is called once they are all sent, when given)."""
     body = {"model": "student", "prompt": "Sort: 5 2 9", "max_tokens": 400, "temperature": 0}
     async with httpx.AsyncClient(timeout=60) as client:
         started = time.monotonic()
-        answers = await asyncio.gather(*(client.post(f"{url}/v1/completions", json=body) for _ in range(8)))
+        sent = [asyncio.create_task(client.post(f"{url}/v1/completions", json=body)) for _ in range(8)]
+        if kill is not None:
+            await asyncio.sleep(1.0)
+            started = time.monotonic()
+            kill()
+        answers = await asyncio.gather(*sent)
         return list(answers), time.monotonic() - started
 
 
@@ -185,7 +191,7 @@ def test_a_dead_engine_thread_turns_readiness_false_and_answers_503(small_studen
     assert "fault injected in the forward" in answers[0].json()["error"]["message"]
     assert ready.status_code == 503 and ready.json()["state"] == "failed"
     assert late.status_code == 503 and late.json()["error"]["code"] == "engine_unavailable"
-    assert health.status_code == 200  # liveness: the process answers; readiness routes traffic away
+    assert health.status_code == 503 and health.json()["status"] == "failed"  # only a restart mends it
 
 
 def _server_resources(url: str, pid: int) -> dict[str, float]:
@@ -241,3 +247,30 @@ def test_a_request_past_the_kv_token_cap_is_refused_with_400(small_student: Path
     error = refused.json()["error"]
     assert refused.status_code == 400 and error["param"] == "max_tokens" and "--max-total-tokens 64" in error["message"]
     assert served.status_code == 200
+
+
+@sglang_test
+def test_a_dead_sglang_scheduler_answers_503_instead_of_resetting_connections(small_student: Path) -> None:
+    import psutil  # an SGLang dependency
+
+    flags = ("--backend", "sglang", "--max-batch", "1")
+    with server_process(small_student, *flags, startup_timeout=600) as (url, process, _log):
+        warm_up = {"model": "student", "prompt": "hi", "max_tokens": 2}
+        assert httpx.post(f"{url}/v1/completions", json=warm_up, timeout=60).status_code == 200
+
+        def kill_scheduler() -> None:
+            children = psutil.Process(process.pid).children(recursive=True)
+            (scheduler,) = [c for c in children if "scheduler" in " ".join(c.cmdline())]
+            scheduler.kill()
+
+        answers, seconds = asyncio.run(_requests_while_the_engine_dies(url, kill_scheduler))
+        ready = httpx.get(f"{url}/ready", timeout=10)
+        late = httpx.post(f"{url}/v1/completions", json=warm_up, timeout=10)
+        health = httpx.get(f"{url}/health", timeout=10)
+        alive = process.poll() is None
+    assert seconds < 5.0
+    assert [a.status_code for a in answers] == [503] * 8
+    assert all(a.json()["error"]["code"] == "engine_unavailable" for a in answers)
+    assert ready.status_code == 503 and ready.json()["state"] == "failed"
+    assert late.status_code == 503 and late.json()["error"]["code"] == "engine_unavailable"
+    assert health.status_code == 503 and alive  # it answers, and the orchestrator restarts it

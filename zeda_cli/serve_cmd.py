@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=False)
     server = DrainingServer(config, lifecycle, settings.shutdown_timeout, drained)
     if settings.backend == "sglang":
-        engine.route_sigterm_to(server.handle_exit)
+        engine.route_signals_to(server.handle_exit, lifecycle.fail)
     print(
         f"zeda serve: {settings.model_name} ({engine.fingerprint}) on http://{settings.host}:{settings.port}"
         f"  dashboard: /dashboard  metrics: /metrics",

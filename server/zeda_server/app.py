@@ -139,8 +139,12 @@ def create_app(settings: ServerSettings, engine: TorchEngine, lifecycle: Lifecyc
         return capture.status()
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": settings.model_name, "system_fingerprint": engine.fingerprint}
+    async def health() -> Response:
+        """Liveness: 503 once the engine has stopped, which only a restart mends."""
+        failed = engine.failure is not None
+        body = {"status": "failed" if failed else "ok", "model": settings.model_name}
+        body["system_fingerprint"] = engine.fingerprint
+        return Response(json.dumps(body), 503 if failed else 200, media_type="application/json")
 
     @app.get("/ready")
     async def ready() -> Response:

@@ -54,6 +54,12 @@ class Lifecycle:
         if not self._in_flight:
             self._idle.set()
 
+    def fail(self, reason: str) -> None:
+        """The engine stopped: end every request in flight with 503 ``engine_unavailable``."""
+        why = Cancelled(f"the engine has stopped ({reason}); retry on another replica", 503, "engine_unavailable")
+        for cancel in list(self._in_flight.values()):
+            cancel(why)
+
     async def drain(self, timeout: float) -> int:
         """Stop admitting, wait up to ``timeout`` s for the requests in flight, cancel the rest.
 

@@ -40,7 +40,7 @@ from zeda_core.checkpoint import read_state, resolve_checkpoint
 from zeda_core.errors import ZedaError
 from zeda_core.flops import FlopModel, FlopReport, expert_slot_flops, flop_report
 from zeda_server.candidates import SMOKE_PROMPT, CandidateRejected, Scope, candidate_weights
-from zeda_server.engine import QueueFull, SamplingParams, StepOutput, chat_prompt_ids
+from zeda_server.engine import EngineFailed, QueueFull, SamplingParams, StepOutput, chat_prompt_ids
 from zeda_server.sglang_env import SglangPlatform, prepare_sglang_environment
 from zeda_server.sglang_models.forward_counter import ForwardCounts, create_counter_file, read_forward_counts
 from zeda_server.sglang_models.plugin import register_configs
@@ -203,7 +203,7 @@ class SglangEngine:
         self.max_queue = max_queue
         self._in_flight = 0
         self._version_lock = RWLock()
-        self.failure: str | None = None  # the torch engine's field; SGLang's own watchdog ends a failed server
+        self.failure: str | None = None  # set when an SGLang subprocess dies (see route_signals_to)
         args = engine_arguments(
             self.platform, dtype, max_batch, self.context_length, max_total_tokens, tp_size, sglang_args or {}
         )
@@ -227,20 +227,30 @@ class SglangEngine:
     def running(self) -> int:
         return self._in_flight
 
-    def route_sigterm_to(self, handler: Callable[[int, FrameType | None], None]) -> None:
-        """Make SIGTERM call ``handler`` (``zeda serve``'s drain) while SGLang serves.
+    def route_signals_to(
+        self, on_sigterm: Callable[[int, FrameType | None], None], on_failure: Callable[[str], None]
+    ) -> None:
+        """Hand SIGTERM to ``on_sigterm`` (``zeda serve``'s drain) and a dead SGLang subprocess to ``on_failure``.
 
-        SGLang's tokenizer manager claims SIGTERM on its event loop at the first request and runs
-        its own drain, which ends the process; its handler class is swapped for one that hands
-        the signal on.
+        SGLang's tokenizer manager claims SIGTERM and SIGQUIT on its event loop at the first
+        request: on SIGTERM it runs its own drain, and on the SIGQUIT its watchdog sends when a
+        subprocess dies it kills the whole process tree, so waiting requests see their
+        connection reset. Its handler class is swapped for one that hands both on: the engine
+        is then marked failed (``failure``) and ``on_failure`` answers what it held with 503.
         """
-        manager = self.engine.tokenizer_manager
+        manager, engine = self.engine.tokenizer_manager, self
 
-        class HandOnSigterm(manager.signal_handler_class):
+        class HandOnSignals(manager.signal_handler_class):
             def sigterm_handler(self, signum=None, frame=None) -> None:
-                handler(signal.SIGTERM, frame)
+                on_sigterm(signal.SIGTERM, frame)
 
-        manager.signal_handler_class = HandOnSigterm
+            def running_phase_sigquit_handler(self, signum=None, frame=None) -> None:
+                if self.tokenizer_manager._subprocess_watchdog is not None:
+                    self.tokenizer_manager._subprocess_watchdog.stop()
+                engine.failure = "an SGLang subprocess died"
+                on_failure(engine.failure)
+
+        manager.signal_handler_class = HandOnSignals
 
     def forward_counts(self) -> ForwardCounts:
         """Slots the CPU MoE forward computed and skipped, and seconds in MoE blocks and model forwards,
@@ -252,6 +262,8 @@ class SglangEngine:
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StepOutput]:
         """Stream one request's outputs, all from one served version; closing the iterator aborts it."""
+        if self.failure is not None:
+            raise EngineFailed(self.failure)
         if self._in_flight >= self.max_queue:
             raise QueueFull(f"{self.max_queue} requests in flight")
         self._in_flight += 1
@@ -303,6 +315,8 @@ class SglangEngine:
 
     async def score(self, sequences: list[list[int]]) -> tuple[list[list[float]], FlopReport, str]:
         """Log-probs of tokens 1..n-1 of each sequence, the FLOPs spent, the fingerprint."""
+        if self.failure is not None:
+            raise EngineFailed(self.failure)
         async with self._version_lock.reader_lock:
             return await self._score(sequences, self.fingerprint)
 
