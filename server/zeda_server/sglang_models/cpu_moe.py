@@ -6,7 +6,7 @@ crashes it, and a weight-0 slot would still be computed. :class:`ZeroSkippingCpu
 that forward with ``zeda_core.experts_forward``: slots whose id is -1 or ``>= N`` are dropped before
 any GEMM, and each real slot costs exactly one GEMM pair row.
 
-Every forward adds the slots it computed and skipped to the shared slot counter
+Every forward adds the slots it computed and skipped to the shared forward counter
 (``forward_counter``), which the server shows on ``/metrics``; tests compare it with the
 routed-experts return to prove that no zero slot is ever computed.
 """
