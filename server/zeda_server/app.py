@@ -76,7 +76,8 @@ def create_app(settings: ServerSettings, engine: TorchEngine, lifecycle: Lifecyc
         )
 
     @app.middleware("http")
-    async def limit_body(request: Request, call_next):
+    async def refuse_before_routing(request: Request, call_next):
+        """503 while draining (inference routes), 413 past the body-size limit."""
         if lifecycle.draining and request.url.path.startswith("/v1/"):
             error = ApiError(
                 503,
@@ -292,9 +293,7 @@ class _Handle:
                 self._waiting.uncancel()
             finally:
                 self._waiting = None
-        why = self._cancelled
-        self.metrics.record_error(self.endpoint, why.status)
-        raise ApiError(why.status, why.message, code=why.code) from why
+        raise _refusal(self.metrics, self.endpoint, self._cancelled) from self._cancelled
 
     async def start(self) -> None:
         """Queue the request; a full engine answers 429 before any response starts."""
@@ -380,10 +379,15 @@ class _Handle:
             self.lifecycle.release(self)
 
 
+def _refusal(metrics: ServerMetrics, endpoint: str, why: Cancelled) -> ApiError:
+    """The answer to a request the server ended early (counted as an error of ``endpoint``)."""
+    metrics.record_error(endpoint, why.status)
+    return ApiError(why.status, why.message, code=why.code)
+
+
 def _engine_unavailable(metrics: ServerMetrics, endpoint: str, reason: str) -> ApiError:
-    """The 503 for a request the stopped engine cannot serve (counted as an error of ``endpoint``)."""
-    metrics.record_error(endpoint, 503)
-    return ApiError(503, f"the engine has stopped ({reason}); retry on another replica", code="engine_unavailable")
+    """The 503 for a request the stopped engine cannot serve."""
+    return _refusal(metrics, endpoint, Cancelled.engine_stopped(reason))
 
 
 def _check_bearer(request: Request, expected: str | None, what: str) -> None:

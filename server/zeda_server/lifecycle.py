@@ -29,6 +29,11 @@ class Cancelled(Exception):
         super().__init__(message)
         self.message, self.status, self.code = message, status, code
 
+    @classmethod
+    def engine_stopped(cls, reason: str) -> Cancelled:
+        """The engine can serve nothing more: 503 ``engine_unavailable``."""
+        return cls(f"the engine has stopped ({reason}); retry on another replica", 503, "engine_unavailable")
+
 
 class Lifecycle:
     """Readiness and the set of requests in flight, for one event loop."""
@@ -56,7 +61,7 @@ class Lifecycle:
 
     def fail(self, reason: str) -> None:
         """The engine stopped: end every request in flight with 503 ``engine_unavailable``."""
-        why = Cancelled(f"the engine has stopped ({reason}); retry on another replica", 503, "engine_unavailable")
+        why = Cancelled.engine_stopped(reason)
         for cancel in list(self._in_flight.values()):
             cancel(why)
 
