@@ -82,15 +82,18 @@ class ForwardCounter:
         self._add(_COMPUTED, computed)
         self._add(_SKIPPED, skipped)
 
+    def add_ns(self, part: str, nanoseconds: int) -> None:
+        """Add wall time to ``part``: ``moe`` or ``model``."""
+        self._add({"moe": _MOE_NS, "model": _MODEL_NS}[part], nanoseconds)
+
     @contextmanager
     def timing(self, part: str) -> Iterator[None]:
-        """Add the wall time of the block (ns) to ``part``: ``moe`` or ``model``."""
-        field = {"moe": _MOE_NS, "model": _MODEL_NS}[part]
+        """Add the wall time of the block to ``part``."""
         started = time.perf_counter_ns()
         try:
             yield
         finally:
-            self._add(field, time.perf_counter_ns() - started)
+            self.add_ns(part, time.perf_counter_ns() - started)
 
 
 FORWARD_COUNTER = ForwardCounter()
