@@ -39,8 +39,8 @@ import httpx
 import torch
 
 from zeda_core.atomic import publish_benchmark
-from zeda_core.checkpoint import checkpoint_routing_spec
-from zeda_core.moe import ZeroExpertMoeBlock
+from zeda_core.checkpoint import read_config
+from zeda_core.model_queries import moe_blocks, spec_from_config
 from zeda_server.engine import SamplingParams, TorchEngine
 from zeda_server.launch import running_server
 
@@ -142,7 +142,7 @@ def moe_profile(model_path: str, requests: list[tuple[str, dict]], streams: int,
         spent["expert_calls"] += routing.topk_ids[~routing.zero_mask].unique().numel()
 
     handles = [engine.model.register_forward_pre_hook(before), engine.model.register_forward_hook(after("model_s"))]
-    for block in (m for m in engine.model.modules() if isinstance(m, ZeroExpertMoeBlock)):
+    for block in moe_blocks(engine.model):
         handles += [block.register_forward_pre_hook(before), block.register_forward_hook(after("moe_s"))]
         handles.append(block.gate.register_forward_hook(count_experts))
     prompts = [
@@ -287,7 +287,7 @@ def main() -> int:
                 results[key][str(concurrency)] = row
                 print(json.dumps({"model": key, "concurrency": concurrency, **row}), flush=True)
                 if counted is not None and concurrency == top:
-                    top_k = checkpoint_routing_spec(paths[key]).top_k
+                    top_k = spec_from_config(read_config(paths[key])).top_k
                     results["profile"][key] = sglang_profile(counted, forward_seconds(urls[key]), top_k)
     if args.backend == "torch":
         results["profile"] = {key: moe_profile(str(p), requests, top, args.max_tokens) for key, p in paths.items()}

@@ -15,9 +15,9 @@ if not torch.cuda.is_available():
 import pytest
 
 from zeda_core import inject_zero_experts, load_model, save_model
+from zeda_trainer.common.loop import OptimConfig
 from zeda_trainer.data.build import DataSizes, build_dataset
-from zeda_trainer.loop import OptimConfig
-from zeda_trainer.pretrain import PretrainConfig, TeacherShape, pretrain
+from zeda_trainer.stages.pretrain import PretrainConfig, TeacherShape, pretrain
 
 SMALL_SIZES = DataSizes(
     train_per_skill=1500,

@@ -9,8 +9,8 @@ from playwright.sync_api import sync_playwright
 
 from zeda_cli.main import main
 from zeda_core.errors import ZedaError
-from zeda_trainer.analyze import Analysis, analyze
-from zeda_trainer.analyze_report import write_analysis
+from zeda_trainer.measure.analyze import Analysis, analyze
+from zeda_trainer.measure.analyze_report import write_analysis
 
 REPO = Path(__file__).parents[1]
 

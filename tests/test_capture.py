@@ -16,7 +16,7 @@ from zeda_core.errors import ZedaError
 from zeda_core.traffic import CapturedRequest, TrafficStore, open_existing_store
 from zeda_server.launch import running_server
 from zeda_server.settings import ServerSettings
-from zeda_trainer.rollouts import load_prompts
+from zeda_trainer.common.prompts import load_prompts
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 

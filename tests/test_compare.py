@@ -7,10 +7,10 @@ import pytest
 
 from zeda_cli.main import main
 from zeda_core.errors import ZedaError
-from zeda_trainer.adamoe import AdaMoeConfig
-from zeda_trainer.compare import CompareConfig, Point, run_compare
-from zeda_trainer.compare_report import baseline_accuracy_at, margins, write_report
-from zeda_trainer.loop import OptimConfig
+from zeda_trainer.common.loop import OptimConfig
+from zeda_trainer.measure.compare import CompareConfig, Point, run_compare
+from zeda_trainer.measure.compare_report import baseline_accuracy_at, margins, write_report
+from zeda_trainer.stages.adamoe import AdaMoeConfig
 
 REPO = Path(__file__).parents[1]
 

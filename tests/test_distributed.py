@@ -16,10 +16,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from zeda_core import load_model
+from zeda_trainer.common.prompts import load_prompts
+from zeda_trainer.common.recipes import load_recipe
 from zeda_trainer.data.packing import global_batch_rows
-from zeda_trainer.recipes import load_recipe
-from zeda_trainer.rollouts import cached_rollouts, load_prompts
-from zeda_trainer.sft import SftConfig, text_mix_blocks
+from zeda_trainer.stages.rollouts import cached_rollouts
+from zeda_trainer.stages.sft import SftConfig, text_mix_blocks
 
 PROBE = Path(__file__).with_name("sft_batch_probe.py")
 RECIPE = Path(__file__).parents[1] / "trainer" / "configs" / "tiny-sft.yaml"  # what `zeda train sft` reads

@@ -13,10 +13,10 @@ from torch.nn.functional import pad
 from transformers import AutoTokenizer
 
 from zeda_core import ZedaError, load_model
-from zeda_trainer.generation import generate
-from zeda_trainer.opd import OpdConfig, build_batch, clipped_policy_loss, opd_loss, policy_forward
-from zeda_trainer.rollouts import encode_prompt, load_prompts
-from zeda_trainer.teacher import LocalTeacher
+from zeda_trainer.common.generation import generate
+from zeda_trainer.common.prompts import encode_prompt, load_prompts
+from zeda_trainer.common.teacher import LocalTeacher
+from zeda_trainer.stages.opd import OpdConfig, build_batch, clipped_policy_loss, opd_loss, policy_forward
 
 
 def test_clipped_policy_loss_on_hand_values() -> None:
@@ -137,7 +137,7 @@ def test_local_teacher_scores_and_caches(small_teacher: Path) -> None:
 
 
 def test_opd_needs_a_zero_expert_student(small_teacher: Path, small_data: Path, tmp_path: Path) -> None:
-    from zeda_trainer.opd import train_opd
+    from zeda_trainer.stages.opd import train_opd
 
     config = OpdConfig(student=small_teacher, teacher=str(small_teacher), prompts=small_data / "prompts" / "opd.jsonl")
     with pytest.raises(ZedaError, match="has no zero experts"):

@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM
 from zeda_core import load_model, save_model
 from zeda_core.families import FAMILIES
 from zeda_core.spec import read_num_zero_experts
-from zeda_trainer.opd import OpdConfig, train_opd
-from zeda_trainer.recipes import load_recipe
-from zeda_trainer.sft import SftConfig, train_sft
+from zeda_trainer.common.recipes import load_recipe
+from zeda_trainer.stages.opd import OpdConfig, train_opd
+from zeda_trainer.stages.sft import SftConfig, train_sft
 
 CONFIGS = Path(__file__).resolve().parents[1] / "trainer" / "configs"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")

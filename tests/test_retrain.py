@@ -13,9 +13,9 @@ from sglang_guard import sglang_marks
 from zeda_cli.main import main
 from zeda_core.traffic import CapturedRequest, TrafficStore, open_existing_store
 from zeda_server.launch import running_server
-from zeda_trainer.recipes import load_recipe
-from zeda_trainer.retrain import RetrainConfig, is_held_out, run_lock, snapshot_traffic
-from zeda_trainer.rollouts import Prompt, load_prompts
+from zeda_trainer.common.prompts import Prompt, load_prompts
+from zeda_trainer.common.recipes import load_recipe
+from zeda_trainer.retrain.job import RetrainConfig, is_held_out, run_lock, snapshot_traffic
 
 ADMIN_KEY = "admin-secret"
 REPO = Path(__file__).parents[1]

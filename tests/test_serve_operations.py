@@ -225,18 +225,23 @@ async def _open_and_drop_streams(url: str, count: int) -> int:
 def test_200_dropped_streams_leave_no_rows_tasks_or_descriptors(small_student: Path) -> None:
     flags = ("--max-batch", "32", "--max-queue", "256")
     with server_process(small_student, *flags) as (url, process, _log):
-        warm_up = {"model": "student", "prompt": "hi", "max_tokens": 2, "stream": True}
-        httpx.post(f"{url}/v1/completions", json=warm_up, timeout=60)  # starts sse-starlette's one watcher task
-        before = _server_resources(url, process.pid)
-        assert asyncio.run(_open_and_drop_streams(url, 200)) == 200
-        deadline = time.monotonic() + 30
-        while (after := _server_resources(url, process.pid))["in_flight"] and time.monotonic() < deadline:
-            time.sleep(0.2)
-        time.sleep(1.0)  # the closed sockets' last callbacks
-        after = _server_resources(url, process.pid)
+
+        def drop_streams_and_settle() -> dict[str, float]:
+            assert asyncio.run(_open_and_drop_streams(url, 200)) == 200
+            deadline = time.monotonic() + 30
+            while _server_resources(url, process.pid)["in_flight"] and time.monotonic() < deadline:
+                time.sleep(0.2)
+            time.sleep(1.0)  # the closed sockets' last callbacks
+            return _server_resources(url, process.pid)
+
+        # The first round opens what the server creates once, lazily (sse-starlette's watcher task, worker
+        # threads' descriptors); a leak shows as growth between the rounds, one per stream.
+        before = drop_streams_and_settle()
+        after = drop_streams_and_settle()
     assert after["in_flight"] == after["zeda_running_requests"] == after["zeda_queue_depth"] == 0
     assert after["zeda_event_loop_tasks"] <= before["zeda_event_loop_tasks"]
-    assert after["fds"] <= before["fds"], (before, after)
+    # A leak is one descriptor per stream (+200); the slack covers a probe connection the server is still closing.
+    assert after["fds"] <= before["fds"] + 2, (before, after)
 
 
 def test_a_request_past_the_kv_token_cap_is_refused_with_400(small_student: Path) -> None:

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 from zeda_core import load_model
 from zeda_server.engine import QueueFull, SamplingParams, TorchEngine, _sample_row
 from zeda_server.text_stream import TextStream
-from zeda_trainer.generation import generate
+from zeda_trainer.common.generation import generate
 
 
 @pytest.fixture(scope="module")

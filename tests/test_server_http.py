@@ -18,8 +18,8 @@ from transformers import AutoTokenizer
 from zeda_core import load_model
 from zeda_server.engine import chat_prompt_ids
 from zeda_server.launch import running_server
-from zeda_trainer.generation import generate
-from zeda_trainer.teacher import LocalTeacher, RemoteTeacher
+from zeda_trainer.common.generation import generate
+from zeda_trainer.common.teacher import LocalTeacher, RemoteTeacher
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,11 @@ from transformers import AutoTokenizer
 
 from zeda_cli.main import main
 from zeda_core import ZedaError, load_model
-from zeda_trainer.loop import OptimConfig
-from zeda_trainer.rollouts import RolloutConfig, load_prompts, teacher_rollouts
-from zeda_trainer.sft import GroupLossConfig, SftConfig, build_student, collate, length_chunks, sft_loss, train_sft
+from zeda_trainer.common.group_loss import GroupLossConfig
+from zeda_trainer.common.loop import OptimConfig
+from zeda_trainer.common.prompts import load_prompts
+from zeda_trainer.stages.rollouts import RolloutConfig, teacher_rollouts
+from zeda_trainer.stages.sft import SftConfig, build_student, collate, length_chunks, sft_loss, train_sft
 
 
 def test_rollouts_are_cached_deduplicated_and_resumable(small_teacher: Path, small_data: Path, tmp_path: Path) -> None:

@@ -13,10 +13,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from zeda_cli.main import main
 from zeda_core import ZedaError, load_model
-from zeda_trainer.evaluate import load_eval_set, prompt_ids
-from zeda_trainer.generation import generate
-from zeda_trainer.pretrain import pretrain
-from zeda_trainer.tokenizer import chat_text
+from zeda_trainer.common.generation import generate
+from zeda_trainer.common.prompts import prompt_ids
+from zeda_trainer.data.tokenizer import chat_text
+from zeda_trainer.measure.evaluate import load_eval_set
+from zeda_trainer.stages.pretrain import pretrain
 
 from conftest import small_teacher_config
 

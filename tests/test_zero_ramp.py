@@ -8,9 +8,9 @@ import torch
 from zeda_core import inject_zero_experts, record_routing
 from zeda_core.convert import PRESERVE_LOGIT, nudge_zero_bias
 from zeda_core.moe import ZeroExpertMoeBlock
-from zeda_trainer.loop import OptimConfig
-from zeda_trainer.rollouts import RolloutConfig
-from zeda_trainer.sft import SftConfig, train_sft
+from zeda_trainer.common.loop import OptimConfig
+from zeda_trainer.stages.rollouts import RolloutConfig
+from zeda_trainer.stages.sft import SftConfig, train_sft
 
 from family_checks import tiny_model, token_batch
 

@@ -27,8 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from zeda_core.errors import ZedaError
-    from zeda_trainer.analyze import analyze
-    from zeda_trainer.analyze_report import p_value_text, write_analysis
+    from zeda_trainer.measure.analyze import analyze
+    from zeda_trainer.measure.analyze_report import p_value_text, write_analysis
 
     for flag, value in (("--limit", args.limit), ("--max-new-tokens", args.max_new_tokens)):
         if value < 1:

@@ -22,9 +22,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from zeda_trainer.compare import CompareConfig, run_compare
-    from zeda_trainer.compare_report import margins, markdown_table, write_report
-    from zeda_trainer.recipes import load_recipe
+    from zeda_trainer.common.recipes import load_recipe
+    from zeda_trainer.measure.compare import CompareConfig, run_compare
+    from zeda_trainer.measure.compare_report import margins, markdown_table, write_report
 
     flags = {"teacher": args.teacher, "data_dir": args.data, "out": args.out}
     overrides = [f"{key}={value}" for key, value in flags.items() if value is not None]

@@ -11,6 +11,7 @@ from zeda_cli.probe import probe_flops, random_tokens
 from zeda_core.checkpoint import load_model, read_config, resolve_checkpoint, save_model
 from zeda_core.convert import ZERO_INITS, inject_zero_experts
 from zeda_core.errors import ZedaError
+from zeda_core.model_queries import moe_blocks
 from zeda_core.spec import RoutingSpec, read_num_zero_experts
 
 PROBE_TOKENS = 512
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(model: torch.nn.Module, spec: RoutingSpec, init: str, ratio: float, out: Path) -> None:
-    layers = len({m.layer_idx for m in model.modules() if hasattr(m, "layer_idx")})
+    layers = len(moe_blocks(model))
     hidden = model.config.hidden_size
     router_params = layers * spec.num_zero_experts * hidden
     if spec.zero_logit_bias:

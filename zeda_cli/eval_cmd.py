@@ -30,7 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from zeda_trainer.data.build import build_dataset
-    from zeda_trainer.evaluate import evaluate
+    from zeda_trainer.measure.evaluate import evaluate
 
     for flag, value in (
         ("--limit", args.limit),

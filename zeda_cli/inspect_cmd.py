@@ -10,7 +10,7 @@ from pathlib import Path
 from zeda_cli.probe import probe_flops, random_tokens
 from zeda_core.checkpoint import load_model, resolve_checkpoint
 from zeda_core.errors import ZedaError
-from zeda_core.moe import ZeroExpertMoeBlock
+from zeda_core.model_queries import model_spec
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         else random_tokens(model.config.vocab_size, args.tokens, args.seed)
     )
     report = probe_flops(model, tokens)
-    spec = next(m for m in model.modules() if isinstance(m, ZeroExpertMoeBlock)).spec
+    spec = model_spec(model)
     probe = f"text {args.text}" if args.text else f"{tokens.shape[1]} random tokens"
     result = {
         "model": str(args.model),

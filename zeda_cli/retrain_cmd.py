@@ -34,8 +34,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from zeda_core.errors import ZedaError
     from zeda_core.traffic import open_existing_store
-    from zeda_trainer.recipes import load_recipe
-    from zeda_trainer.retrain import RetrainConfig, next_cycle_dir, render_verdict, retrain_once, serving_base
+    from zeda_trainer.common.recipes import load_recipe
+    from zeda_trainer.retrain.job import RetrainConfig, next_cycle_dir, render_verdict, retrain_once, serving_base
 
     if args.cycles is not None and (args.cycles < 1 or args.every is None):
         raise ZedaError(f"--cycles {args.cycles}: needs --every and a value >= 1")

@@ -27,8 +27,8 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser, default_recipe: Path)
 
 
 def run_teacher(args: argparse.Namespace) -> int:
-    from zeda_trainer.pretrain import PretrainConfig, pretrain
-    from zeda_trainer.recipes import load_recipe
+    from zeda_trainer.common.recipes import load_recipe
+    from zeda_trainer.stages.pretrain import PretrainConfig, pretrain
 
     config = load_recipe(PretrainConfig, args.config, args.set)
     out = pretrain(config, resume=args.resume)
@@ -37,8 +37,8 @@ def run_teacher(args: argparse.Namespace) -> int:
 
 
 def run_sft(args: argparse.Namespace) -> int:
-    from zeda_trainer.recipes import load_recipe
-    from zeda_trainer.sft import SftConfig, train_sft
+    from zeda_trainer.common.recipes import load_recipe
+    from zeda_trainer.stages.sft import SftConfig, train_sft
 
     config = load_recipe(SftConfig, args.config, args.set)
     out = train_sft(config, resume=args.resume)
@@ -47,8 +47,8 @@ def run_sft(args: argparse.Namespace) -> int:
 
 
 def run_opd(args: argparse.Namespace) -> int:
-    from zeda_trainer.opd import OpdConfig, train_opd
-    from zeda_trainer.recipes import load_recipe
+    from zeda_trainer.common.recipes import load_recipe
+    from zeda_trainer.stages.opd import OpdConfig, train_opd
 
     config = load_recipe(OpdConfig, args.config, args.set)
     out = train_opd(config, resume=args.resume)

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from zeda_core.errors import ZedaError
-from zeda_core.moe import ZeroExpertMoeBlock, ZeroExpertRouter
+from zeda_core.model_queries import moe_blocks
+from zeda_core.moe import ZeroExpertRouter
 from zeda_core.routing import Routing, route
 from zeda_core.spec import RoutingSpec
 
@@ -97,7 +98,7 @@ class RuledRouter(nn.Module):
 @contextlib.contextmanager
 def routing_rule(model: nn.Module, rule_for_layer: Callable[[int], RoutingRule]) -> Iterator[nn.Module]:
     """Route every MoE layer of ``model`` through ``rule_for_layer(layer_idx)`` inside the block."""
-    blocks = [m for m in model.modules() if isinstance(m, ZeroExpertMoeBlock)]
+    blocks = moe_blocks(model)
     if not blocks:
         raise ZedaError("the model has no zero-aware MoE blocks: load it with zeda_core.load_model")
     routers = [block.gate for block in blocks]

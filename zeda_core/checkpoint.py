@@ -22,13 +22,14 @@ from accelerate import init_empty_weights
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from zeda_core.atomic import atomic_directory
 from zeda_core.convert import inject_zero_experts
 from zeda_core.errors import ZedaError
 from zeda_core.families import MoeFamily, family_for_config
-from zeda_core.spec import RoutingSpec, read_num_zero_experts
+from zeda_core.model_queries import hf_config
+from zeda_core.spec import read_num_zero_experts
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -72,13 +73,6 @@ def read_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     return _to_fused_layout(_read_weights(checkpoint), family_for_config(read_config(checkpoint)))
 
 
-def checkpoint_routing_spec(checkpoint: Path) -> RoutingSpec:
-    """The routing spec a checkpoint's config describes (``zero_logit_bias`` off: that one is in the weights)."""
-    raw = read_config(checkpoint)
-    family = family_for_config(raw)
-    return family.routing_spec(_base_config(raw, family), read_num_zero_experts(raw))
-
-
 def read_config(checkpoint: Path) -> dict[str, Any]:
     """The checkpoint's ``config.json`` as a dict."""
     try:
@@ -113,7 +107,7 @@ def load_model(
     num_zero = read_num_zero_experts(raw)
     if num_zero and not zero_aware:
         raise ZedaError(f"{checkpoint} is a ZEDA checkpoint with {num_zero} zero experts; load it zero-aware")
-    config = _base_config(raw, family)
+    config = hf_config(raw)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     spec = inject_zero_experts(model, num_zero, init=None) if zero_aware else None
@@ -157,15 +151,6 @@ def checkpoint_config(model: PreTrainedModel) -> dict[str, Any]:
     zero = read_num_zero_experts(config) > 0
     config["model_type"] = family.plus_plus_model_type if zero else family.model_type
     config["architectures"] = [family.plus_plus_architecture if zero else family.architecture]
-    return config
-
-
-def _base_config(raw: dict[str, Any], family: MoeFamily) -> Any:
-    fields = {k: v for k, v in raw.items() if k not in ("model_type", "architectures", "transformers_version")}
-    try:
-        config = AutoConfig.for_model(family.model_type, **fields)
-    except (TypeError, ValueError) as exc:
-        raise ZedaError(f"invalid {family.model_type} config: {exc}") from exc
     return config
 
 

@@ -28,22 +28,22 @@ from tqdm import tqdm
 
 from zeda_core.errors import ZedaError
 from zeda_core.families import MoeFamily, family_for_config
+from zeda_core.model_queries import moe_blocks
 from zeda_core.moe import ZeroExpertMoeBlock, ZeroExpertRouter
-from zeda_core.spec import RoutingSpec, write_num_zero_experts
+from zeda_core.spec import ZERO_LOGIT_BIAS_KEY, RoutingSpec, write_num_zero_experts
 
 ZeroInit = Literal["gaussian", "preserve"]
 ZERO_INITS: tuple[str, ...] = ("gaussian", "preserve")
 PRESERVE_LOGIT = -30.0
-ZERO_LOGIT_BIAS_KEY = "zeda_zero_logit_bias"
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 
 
 def sparse_blocks(model: nn.Module, family: MoeFamily) -> list[tuple[str, int, nn.Module]]:
     """(qualified name, layer index, module) of every sparse MoE block of ``family`` in ``model``."""
+    if moe_blocks(model):
+        raise ZedaError("model is already zero-aware; convert the original checkpoint instead")
     found = []
     for name, module in model.named_modules():
-        if isinstance(module, ZeroExpertMoeBlock):
-            raise ZedaError(f"model is already zero-aware ({name}); convert the original checkpoint instead")
         if type(module).__name__ == family.sparse_block:
             match = _LAYER_INDEX.search(name + ".")
             if match is None:
@@ -157,7 +157,7 @@ def nudge_zero_bias(model: nn.Module, zero_ratios: list[float], targets: list[fl
         targets: target r_ze of each MoE layer.
         step_size: logit units per call.
     """
-    blocks = [m for m in model.modules() if isinstance(m, ZeroExpertMoeBlock)]
+    blocks = moe_blocks(model)
     for block, ratio, target in zip(blocks, zero_ratios, targets, strict=True):
         step = step_size if ratio < target else -step_size if ratio > target else 0.0
         gate, spec = block.gate, block.spec

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from zeda_core.errors import ZedaError
-from zeda_core.moe import ZeroExpertMoeBlock
+from zeda_core.model_queries import moe_blocks
 
 
 def expert_slot_flops(hidden_size: int, intermediate_size: int) -> int:
@@ -51,7 +51,7 @@ class FlopModel:
     @classmethod
     def from_model(cls, model: nn.Module) -> FlopModel:
         """Read the figures off a model with zero-aware MoE blocks."""
-        blocks = [m for m in model.modules() if isinstance(m, ZeroExpertMoeBlock)]
+        blocks = moe_blocks(model)
         if not blocks:
             raise ZedaError("model has no zero-aware MoE block; load it with zeda_core.load_model")
         _, double_inter, hidden = blocks[0].experts.gate_up_proj.shape
@@ -128,6 +128,41 @@ class FlopReport:
     @property
     def expert_flops_per_token(self) -> float:
         return self.expert_flops / self.tokens if self.tokens else 0.0
+
+    def __add__(self, other: FlopReport) -> FlopReport:
+        """The report of both token sets together (``sum(reports)`` works too).
+
+        Every MoE layer routes K slots per token, so a layer's zero share over both sets is the
+        token-weighted mean of the two.
+        """
+        if not isinstance(other, FlopReport):
+            return NotImplemented
+        if len(self.per_layer_zero_ratio) != len(other.per_layer_zero_ratio):
+            raise ZedaError(
+                f"cannot add FLOP reports of {len(self.per_layer_zero_ratio)} and "
+                f"{len(other.per_layer_zero_ratio)} MoE layers"
+            )
+        tokens = self.tokens + other.tokens
+        per_layer = tuple(
+            (a * self.tokens + b * other.tokens) / tokens if tokens else 0.0
+            for a, b in zip(self.per_layer_zero_ratio, other.per_layer_zero_ratio, strict=True)
+        )
+        return FlopReport(
+            tokens=tokens,
+            real_slots=self.real_slots + other.real_slots,
+            zero_slots=self.zero_slots + other.zero_slots,
+            per_layer_zero_ratio=per_layer,
+            expert_flops=self.expert_flops + other.expert_flops,
+            dense_expert_flops=self.dense_expert_flops + other.dense_expert_flops,
+            shared_expert_flops=self.shared_expert_flops + other.shared_expert_flops,
+            other_flops=self.other_flops + other.other_flops,
+        )
+
+    def __radd__(self, other: object) -> FlopReport:
+        """``0 + report`` is the report, so the builtin ``sum`` needs no start value."""
+        if other == 0:
+            return self
+        return NotImplemented
 
     def usage(self) -> dict[str, float | int]:
         """The ``usage.zeda`` object of the HTTP API."""

@@ -20,6 +20,7 @@ ZCE_NUMS = "zce_nums"
 ZCE_TYPES = "zce_types"
 ZCE_MASK = "use_zce_mask"
 ZERO_TYPE = "zero"
+ZERO_LOGIT_BIAS_KEY = "zeda_zero_logit_bias"  # the softmax zero rows carry a learnable logit offset
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from typing import Literal
 
 import torch
 
-from zeda_core.checkpoint import checkpoint_routing_spec, read_state, resolve_checkpoint, tied_keys
+from zeda_core.checkpoint import read_config, read_state, resolve_checkpoint, tied_keys
 from zeda_core.errors import ZedaError
-from zeda_core.moe import ZeroExpertMoeBlock
+from zeda_core.model_queries import model_spec, spec_from_config
 from zeda_core.spec import RoutingSpec
 from zeda_server.versions import ModelVersion, checkpoint_fingerprint, router_fingerprint
 
@@ -49,7 +49,7 @@ def candidate_weights(
     """
     try:
         checkpoint = resolve_checkpoint(candidate)
-        spec = checkpoint_routing_spec(checkpoint)
+        spec = spec_from_config(read_config(checkpoint))
         state = read_state(checkpoint)
     except ZedaError as exc:
         raise CandidateRejected(f"cannot read checkpoint: {exc}") from exc
@@ -80,8 +80,7 @@ def prepare_version(current: ModelVersion, candidate: str | Path, scope: Scope, 
     Runs off the engine thread; ``current`` keeps serving meanwhile (it is copied, not changed).
     """
     model = current.model
-    blocks = [m for m in model.modules() if isinstance(m, ZeroExpertMoeBlock)]
-    served_spec = blocks[0].spec
+    served_spec = model_spec(model)
     tied = set(tied_keys(model))
     expected = {k: v for k, v in model.state_dict().items() if k not in tied}
     weights = candidate_weights(candidate, served_spec, expected, scope)

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from zeda_core.errors import ZedaError
-from zeda_core.families import family_for_model_type
-from zeda_core.spec import RoutingSpec, read_num_zero_experts
+from zeda_core.model_queries import spec_from_config
+from zeda_core.spec import RoutingSpec
 
 SKIPPED_SLOT = -1
 SERVED_MODEL_TYPES = ("qwen3_moe", "qwen3_moe_plus_plus", "glm4_moe_lite", "glm4_moe_lite_plus_plus")
@@ -30,15 +30,13 @@ def served_routing_spec(config: Any) -> RoutingSpec:
     Raises:
         ZedaError: a family the SGLang backend does not serve.
     """
-    values = config.to_dict()
-    model_type = str(values.get("model_type"))
+    model_type = str(config.model_type)
     if model_type not in SERVED_MODEL_TYPES:
         raise ZedaError(
             f"the sglang backend serves Qwen3-MoE and GLM4-MoE-Lite checkpoints, not {model_type!r}; "
             "use --backend torch"
         )
-    family = family_for_model_type(model_type)
-    return family.routing_spec(config, read_num_zero_experts(values), bool(values.get("zeda_zero_logit_bias", False)))
+    return spec_from_config(config)
 
 
 def hand_off_zero_slots(

@@ -11,7 +11,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from zeda_core.errors import ZedaError
-from zeda_trainer.tokenizer import chat_text
+from zeda_trainer.data.tokenizer import chat_text
 
 
 def read_jsonl(path: Path) -> list[dict]:

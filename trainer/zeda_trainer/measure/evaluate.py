@@ -23,8 +23,9 @@ from zeda_core.checkpoint import load_model, resolve_checkpoint
 from zeda_core.errors import ZedaError
 from zeda_core.flops import FlopModel, flop_report
 from zeda_core.recording import record_routing
+from zeda_trainer.common.generation import generate
+from zeda_trainer.common.prompts import prompt_ids
 from zeda_trainer.data.packing import read_jsonl, read_user_jsonl
-from zeda_trainer.generation import generate
 
 SCORERS = ("exact", "regex")
 PERPLEXITY_WINDOW = 256
@@ -82,16 +83,6 @@ def load_any_model(path: str | Path) -> tuple[torch.nn.Module, bool]:
         return AutoModelForCausalLM.from_pretrained(checkpoint, use_safetensors=True).eval(), False
     except (OSError, ValueError) as exc:
         raise ZedaError(f"cannot load {checkpoint} as a causal LM: {exc}") from exc
-
-
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """Token ids of a user prompt: the chat template when the tokenizer has one, else raw text."""
-    if tokenizer.chat_template:
-        messages = [{"role": "user", "content": prompt}]
-        return list(
-            tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        )
-    return tokenizer(prompt).input_ids
 
 
 class RoutingTally:

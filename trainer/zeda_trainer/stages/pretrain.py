@@ -14,11 +14,11 @@ from accelerate import Accelerator
 from pydantic import BaseModel, ConfigDict
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from zeda_trainer.common.loop import OptimConfig, make_accelerator, run_training
+from zeda_trainer.common.metrics import MetricsLog, save_trained_model
 from zeda_trainer.data.build import build_dataset
 from zeda_trainer.data.packing import global_batch_rows, pack_blocks, pretraining_documents, read_jsonl
-from zeda_trainer.loop import OptimConfig, make_accelerator, run_training
-from zeda_trainer.metrics import MetricsLog, save_trained_model
-from zeda_trainer.tokenizer import chat_text, train_tokenizer
+from zeda_trainer.data.tokenizer import chat_text, train_tokenizer
 
 
 class TeacherShape(BaseModel):

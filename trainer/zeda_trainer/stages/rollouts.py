@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,8 @@ from transformers import PreTrainedTokenizerBase
 
 from zeda_core.atomic import atomic_write_text
 from zeda_core.errors import ZedaError
-from zeda_trainer.data.packing import read_user_jsonl
-from zeda_trainer.evaluate import prompt_ids
-from zeda_trainer.generation import generate
+from zeda_trainer.common.generation import generate
+from zeda_trainer.common.prompts import Prompt, encode_prompt
 
 
 class RolloutConfig(BaseModel):
@@ -30,40 +28,6 @@ class RolloutConfig(BaseModel):
     batch_size: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """A prompt of a prompt set: chat turns get the chat template, raw text is continued."""
-
-    text: str
-    chat: bool
-    domain: str
-
-    @property
-    def key(self) -> str:
-        return json.dumps([self.text, self.chat])
-
-
-def load_prompts(path: Path) -> list[Prompt]:
-    """Distinct prompts of a JSONL prompt set (``prompt``, optional ``chat`` and ``domain``), in order.
-
-    Raises:
-        ZedaError: naming the file and line of the first bad record, or an empty set.
-    """
-    prompts: dict[str, Prompt] = {}
-    for where, record in read_user_jsonl(path, "prompt file"):
-        if not isinstance(record.get("prompt"), str) or not record["prompt"]:
-            raise ZedaError(f"{where}: needs a non-empty string field 'prompt'")
-        prompt = Prompt(record["prompt"], bool(record.get("chat", True)), str(record.get("domain", "default")))
-        prompts.setdefault(prompt.key, prompt)
-    if not prompts:
-        raise ZedaError(f"prompt file {path} has no prompts")
-    return list(prompts.values())
-
-
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> list[int]:
-    return prompt_ids(tokenizer, prompt.text) if prompt.chat else tokenizer(prompt.text).input_ids
 
 
 def _read_cache(cache: Path) -> dict[str, dict[str, Any]]:

@@ -38,18 +38,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoTokenizer
 
 from zeda_core.atomic import atomic_write_text
-from zeda_core.checkpoint import checkpoint_routing_spec, load_model, resolve_checkpoint
+from zeda_core.checkpoint import load_model, read_config, resolve_checkpoint
 from zeda_core.errors import ZedaError
 from zeda_core.flops import FlopModel
 from zeda_core.losses import zero_group_weight_for
+from zeda_core.model_queries import spec_from_config
 from zeda_core.traffic import TrafficStore
-from zeda_trainer.checkpointing import complete_checkpoints
-from zeda_trainer.evaluate import RoutingTally, limit_per_skill, load_eval_set, skill_accuracy
-from zeda_trainer.generation import generate
-from zeda_trainer.opd import OpdConfig, train_opd
-from zeda_trainer.rollouts import Prompt, encode_prompt, load_prompts
-from zeda_trainer.sft import GroupLossConfig
-from zeda_trainer.teacher import TeacherScorer, make_teacher
+from zeda_trainer.common.checkpointing import complete_checkpoints
+from zeda_trainer.common.generation import generate
+from zeda_trainer.common.group_loss import GroupLossConfig
+from zeda_trainer.common.prompts import Prompt, encode_prompt, load_prompts
+from zeda_trainer.common.teacher import TeacherScorer, make_teacher
+from zeda_trainer.measure.evaluate import RoutingTally, limit_per_skill, load_eval_set, skill_accuracy
+from zeda_trainer.stages.opd import OpdConfig, train_opd
 
 VERDICT_FILE = "verdict.json"
 SNAPSHOT_FILE = "snapshot.json"
@@ -298,7 +299,7 @@ def _group_loss(config: RetrainConfig, snapshot: dict[str, Any], base: Path) -> 
         target = snapshot["served_zero_ratio"]
     if target is None:
         return config.opd.group_loss
-    spec = checkpoint_routing_spec(base)
+    spec = spec_from_config(read_config(base))
     weight = zero_group_weight_for(target, spec.num_experts, spec.num_zero_experts)
     return config.opd.group_loss.model_copy(update={"zero_group_weight": weight})
 

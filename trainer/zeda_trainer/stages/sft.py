@@ -32,26 +32,14 @@ from zeda_core.losses import (
     logits_forward_kl,
     zero_allocation_loss,
 )
-from zeda_core.moe import ZeroExpertMoeBlock
+from zeda_core.model_queries import moe_blocks
 from zeda_core.recording import record_routing
+from zeda_trainer.common.group_loss import GroupLossConfig
+from zeda_trainer.common.loop import OptimConfig, make_accelerator, run_training
+from zeda_trainer.common.metrics import MetricsLog, save_trained_model
+from zeda_trainer.common.prompts import load_prompts
 from zeda_trainer.data.packing import global_batch_rows, pack_blocks, read_user_jsonl
-from zeda_trainer.loop import OptimConfig, make_accelerator, run_training
-from zeda_trainer.metrics import MetricsLog, save_trained_model
-from zeda_trainer.rollouts import RolloutConfig, cached_rollouts, load_prompts, teacher_rollouts
-
-
-class GroupLossConfig(BaseModel):
-    """L_GA: ``alpha`` and the zero-group weight ``w`` (target zero share ``w*Z / (w*Z + N)``)."""
-
-    model_config = ConfigDict(extra="forbid")
-    alpha: float = 0.1
-    zero_group_weight: float = 2.0
-    per_sequence: bool = False
-    """Take L_GA within each sequence and average (every sequence is pulled to the target share),
-    instead of over all the batch's tokens together."""
-    pool_layers: bool = False
-    """Take L_GA over the slots of all MoE layers together (the layers share one zero budget),
-    instead of per layer and averaged (every layer pulled to the target share)."""
+from zeda_trainer.stages.rollouts import RolloutConfig, cached_rollouts, teacher_rollouts
 
 
 class TextMixConfig(BaseModel):
@@ -284,7 +272,7 @@ def build_student(config: SftConfig) -> tuple[torch.nn.Module, int]:
     spec = inject_zero_experts(student, config.zero_experts, init=config.init, seed=config.seed)
     if config.trainable == "router":
         student.requires_grad_(False)
-        for block in (m for m in student.modules() if isinstance(m, ZeroExpertMoeBlock)):
+        for block in moe_blocks(student):
             block.gate.requires_grad_(True)
     return student, spec.num_experts
 

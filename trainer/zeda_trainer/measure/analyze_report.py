@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from zeda_core.atomic import atomic_write_text
-from zeda_trainer.analyze import Analysis, Correlation, PromptAnalysis
+from zeda_trainer.measure.analyze import Analysis, Correlation, PromptAnalysis
 
 SIGNIFICANCE = 0.05
 STYLE = """

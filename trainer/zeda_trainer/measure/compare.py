@@ -27,11 +27,11 @@ from zeda_core.baselines import calibrate_dynamic_skip, dynamic_skip, routing_ru
 from zeda_core.checkpoint import load_model, resolve_checkpoint
 from zeda_core.flops import FlopModel
 from zeda_core.losses import per_token_forward_kl
-from zeda_core.moe import ZeroExpertMoeBlock
-from zeda_trainer.adamoe import AdaMoeConfig, train_adamoe
-from zeda_trainer.checkpointing import complete_checkpoints
+from zeda_core.model_queries import model_spec
+from zeda_trainer.common.checkpointing import complete_checkpoints
 from zeda_trainer.data.packing import pack_blocks, read_jsonl
-from zeda_trainer.evaluate import (
+from zeda_trainer.data.tokenizer import require_same_tokenizer
+from zeda_trainer.measure.evaluate import (
     EvalItem,
     RoutingTally,
     limit_per_skill,
@@ -40,7 +40,7 @@ from zeda_trainer.evaluate import (
     text_windows,
     windowed_logits,
 )
-from zeda_trainer.tokenizer import require_same_tokenizer
+from zeda_trainer.stages.adamoe import AdaMoeConfig, train_adamoe
 
 
 class CompareConfig(BaseModel):
@@ -192,7 +192,7 @@ def _jobs(config: CompareConfig) -> list[tuple]:
     def top_p(p: float):
         def build(bench: Bench):
             model = load_model(bench.teacher_path)
-            spec = next(m for m in model.modules() if isinstance(m, ZeroExpertMoeBlock)).spec
+            spec = model_spec(model)
             return model, teacher, lambda layer: lambda logits, _: top_p_routing(logits, spec, p)
 
         return build

@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from zeda_trainer.checkpointing import load_latest_checkpoint, save_checkpoint
-from zeda_trainer.metrics import MetricsLog
+from zeda_trainer.common.checkpointing import load_latest_checkpoint, save_checkpoint
+from zeda_trainer.common.metrics import MetricsLog
 
 StepLoss = Callable[[torch.nn.Module, int, Accelerator], tuple[torch.Tensor, dict[str, float]]]
 

@@ -29,11 +29,11 @@ from zeda_core.checkpoint import load_model, resolve_checkpoint
 from zeda_core.errors import ZedaError
 from zeda_core.flops import FlopModel, flop_report
 from zeda_core.losses import per_token_forward_kl
-from zeda_core.moe import ZeroExpertMoeBlock
+from zeda_core.model_queries import model_spec
 from zeda_core.recording import record_routing
-from zeda_trainer.generation import generate
-from zeda_trainer.rollouts import Prompt, encode_prompt, load_prompts
-from zeda_trainer.tokenizer import require_same_tokenizer
+from zeda_trainer.common.generation import generate
+from zeda_trainer.common.prompts import Prompt, encode_prompt, load_prompts
+from zeda_trainer.data.tokenizer import require_same_tokenizer
 
 
 @dataclass
@@ -104,8 +104,8 @@ def analyze(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     require_same_tokenizer(tokenizer, teacher_dir, "teacher", "ZEDA model")
     student, teacher = load_model(model_dir), load_model(teacher_dir)
-    blocks = [m for m in student.modules() if isinstance(m, ZeroExpertMoeBlock)]
-    if not blocks or blocks[0].spec.num_zero_experts == 0:
+    spec = model_spec(student)
+    if spec is None or spec.num_zero_experts == 0:
         raise ZedaError(f"{model_dir} has no zero experts: analyze a ZEDA model")
     flop_model = FlopModel.from_model(student)
     analyses: list[PromptAnalysis] = []
@@ -122,7 +122,7 @@ def analyze(
     return Analysis(
         model=str(model_path),
         teacher=str(teacher_path),
-        top_k=blocks[0].spec.top_k,
+        top_k=spec.top_k,
         prompts=analyses,
         zero_ratio=total.zero_expert_ratio,
         expert_flops_per_token=total.expert_flops_per_token,

@@ -21,9 +21,9 @@ from zeda_core.checkpoint import load_model, resolve_checkpoint
 from zeda_core.convert import inject_zero_experts
 from zeda_core.losses import load_balance_loss
 from zeda_core.recording import record_routing
+from zeda_trainer.common.loop import OptimConfig, make_accelerator, run_training
+from zeda_trainer.common.metrics import save_trained_model
 from zeda_trainer.data.packing import global_batch_rows, pack_blocks, pretraining_documents
-from zeda_trainer.loop import OptimConfig, make_accelerator, run_training
-from zeda_trainer.metrics import save_trained_model
 
 
 class AdaMoeConfig(BaseModel):

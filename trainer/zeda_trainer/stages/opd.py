@@ -24,15 +24,15 @@ from zeda_core.batching import pad_batch
 from zeda_core.checkpoint import load_model, resolve_checkpoint
 from zeda_core.errors import ZedaError
 from zeda_core.losses import group_aux_loss_over_layers, group_aux_target_ratio, token_logprobs
-from zeda_core.moe import ZeroExpertMoeBlock
+from zeda_core.model_queries import model_spec, moe_blocks
 from zeda_core.recording import RoutingRecorder, record_routing
+from zeda_trainer.common.generation import Generation, generate
+from zeda_trainer.common.group_loss import GroupLossConfig
+from zeda_trainer.common.loop import OptimConfig, make_accelerator, run_training
+from zeda_trainer.common.metrics import MetricsLog, save_trained_model
+from zeda_trainer.common.prompts import encode_prompt, load_prompts
+from zeda_trainer.common.teacher import TeacherScorer, make_teacher
 from zeda_trainer.data.packing import global_batch_rows
-from zeda_trainer.generation import Generation, generate
-from zeda_trainer.loop import OptimConfig, make_accelerator, run_training
-from zeda_trainer.metrics import MetricsLog, save_trained_model
-from zeda_trainer.rollouts import encode_prompt, load_prompts
-from zeda_trainer.sft import GroupLossConfig
-from zeda_trainer.teacher import TeacherScorer, make_teacher
 
 
 class SamplingConfig(BaseModel):
@@ -268,14 +268,14 @@ class OnPolicySampler:
 def build_opd_student(config: OpdConfig) -> tuple[torch.nn.Module, int, int]:
     """(student, N, N + Z) from the SFT checkpoint; all or only router parameters trainable."""
     student = load_model(resolve_checkpoint(config.student))
-    blocks = [m for m in student.modules() if isinstance(m, ZeroExpertMoeBlock)]
-    if not blocks or blocks[0].spec.num_zero_experts == 0:
+    spec = model_spec(student)
+    if spec is None or spec.num_zero_experts == 0:
         raise ZedaError(f"student {config.student} has no zero experts: run `zeda train sft` (or convert) first")
     if config.trainable == "router":
         student.requires_grad_(False)
-        for block in blocks:
+        for block in moe_blocks(student):
             block.gate.requires_grad_(True)
-    return student, blocks[0].spec.num_experts, blocks[0].spec.num_rows
+    return student, spec.num_experts, spec.num_rows
 
 
 def train_opd(config: OpdConfig, resume: bool = False) -> Path:

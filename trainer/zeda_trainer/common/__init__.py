@@ -1,0 +1,1 @@
+"""What every training job shares: the accelerate loop, recipes, checkpoints, prompts, the teacher scorers."""

@@ -1,0 +1,1 @@
+"""Measurements of trained models: evaluation, the per-prompt analysis, the baseline comparison."""
