@@ -114,3 +114,14 @@ def test_inspect_bad_input(teacher: Path, tmp_path: Path, capsys) -> None:
     assert "--tokens must be >= 1" in capsys.readouterr().err
     assert main(["inspect", "--model", str(teacher), "--text", str(tmp_path / "none.txt")]) == 2
     assert "is not a file" in capsys.readouterr().err
+
+
+def test_convert_counts_moe_layers_not_layers_with_an_index(tmp_path: Path, capsys) -> None:
+    """DeepSeek-V3's first layer is dense (``first_k_dense_replace=1``): 3 decoder layers, 2 of them MoE."""
+    teacher, out = tmp_path / "deepseek", tmp_path / "zeda"
+    assert main(["tiny", "--family", "deepseek_v3", "--out", str(teacher)]) == 0
+    capsys.readouterr()
+    assert main(["convert", "--model", str(teacher), "--zero-experts", "4", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "deepseek_v3: 2 MoE layers" in printed
+    assert "+256 router parameters" in printed  # 2 layers x 4 zero rows x hidden 32

@@ -18,11 +18,10 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from zeda_core.batching import pad_batch
 from zeda_core.checkpoint import load_model, resolve_checkpoint
 from zeda_core.errors import ZedaError
-from zeda_core.flops import FlopModel, flop_report
-from zeda_core.recording import record_routing
+from zeda_core.flops import FlopModel, FlopReport, flop_report
+from zeda_core.scoring import forward_batches, score_sequences
 from zeda_trainer.common.generation import generate
 from zeda_trainer.common.prompts import prompt_ids
 from zeda_trainer.data.packing import read_jsonl, read_user_jsonl
@@ -86,24 +85,25 @@ def load_any_model(path: str | Path) -> tuple[torch.nn.Module, bool]:
 
 
 class RoutingTally:
-    """Routed-slot counts and processed tokens accumulated per domain."""
+    """The FLOP report of each domain's tokens, added up as they are routed (nothing without a FLOP model)."""
 
     def __init__(self, flop_model: FlopModel | None) -> None:
         self.flop_model = flop_model
-        self.counts: dict[str, torch.Tensor] = {}
-        self.tokens: Counter[str] = Counter()
+        self.reports: dict[str, FlopReport] = {}
 
     def add(self, domain: str, counts: torch.Tensor | None, tokens: int) -> None:
-        if counts is None:
+        """Add ``tokens`` tokens routed with ``counts`` ([L, 2] real/zero slots) to ``domain``."""
+        if counts is None or self.flop_model is None:
             return
-        self.counts[domain] = self.counts.get(domain, torch.zeros_like(counts)) + counts
-        self.tokens[domain] += tokens
+        report = flop_report(counts, tokens, self.flop_model)
+        self.reports[domain] = self.reports[domain] + report if domain in self.reports else report
 
     def summary(self, domains: list[str] | None = None) -> dict[str, Any] | None:
-        names = [d for d in (domains or list(self.counts)) if d in self.counts]
-        if self.flop_model is None or not names:
+        """Zero share and expert FLOPs per token over ``domains`` (default all); None if none was routed."""
+        reports = [self.reports[d] for d in (domains or list(self.reports)) if d in self.reports]
+        if not reports:
             return None
-        report = flop_report(sum(self.counts[d] for d in names), sum(self.tokens[d] for d in names), self.flop_model)
+        report = sum(reports)
         return {
             "zero_expert_ratio": report.zero_expert_ratio,
             "expert_flops_per_token": report.expert_flops_per_token,
@@ -124,7 +124,6 @@ def text_windows(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[l
     return windows
 
 
-@torch.no_grad()
 def windowed_logits(
     model: torch.nn.Module,
     windows: list[list[int]],
@@ -137,14 +136,9 @@ def windowed_logits(
 
     The routing of every window token is added to ``tally`` under ``domain``.
     """
-    zero_aware = tally.flop_model is not None
-    for start in range(0, len(windows), batch_size):
-        ids, mask = pad_batch(windows[start : start + batch_size], pad_id)
-        with record_routing(token_mask=mask.bool()) as recorder:
-            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float().cpu()
-        if zero_aware:
-            tally.add(domain, recorder.slot_counts().sum(0), int(mask.sum()))
-        yield logits, ids, mask
+    for batch in forward_batches(model, windows, pad_id, batch_size):
+        tally.add(domain, batch.slot_counts, batch.tokens)
+        yield batch.logits.float().cpu(), batch.ids.cpu(), batch.mask.cpu()
 
 
 def negative_log_likelihood(
@@ -157,14 +151,9 @@ def negative_log_likelihood(
 ) -> tuple[float, int]:
     """(summed NLL in nats, predicted tokens) over ``texts``, in windows of PERPLEXITY_WINDOW tokens
     that start with BOS; routing of every text token is added to ``tally`` under ``domain``."""
-    total_nll, total_tokens = 0.0, 0
-    windows = text_windows(tokenizer, texts)
-    for logits, ids, mask in windowed_logits(model, windows, tokenizer.pad_token_id or 0, tally, domain, batch_size):
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-        target_mask = mask[:, 1:].float()
-        total_nll += float((nll * target_mask).sum())
-        total_tokens += int(target_mask.sum())
-    return total_nll, total_tokens
+    scores = score_sequences(model, text_windows(tokenizer, texts), tokenizer.pad_token_id or 0, batch_size)
+    tally.add(domain, scores.slot_counts, scores.tokens)
+    return -math.fsum(value for values in scores.logprobs for value in values), sum(map(len, scores.logprobs))
 
 
 def perplexity_of(nll: float, tokens: int) -> float:
