@@ -12,6 +12,25 @@ from zeda_core.spec import RoutingSpec, ScoreFunc
 PLUS_PLUS = "_plus_plus"
 
 
+TINY_MLA_WITH_SHARED_EXPERT: dict[str, Any] = dict(
+    intermediate_size=64,
+    moe_intermediate_size=16,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    norm_topk_prob=True,
+    num_hidden_layers=3,
+    kv_lora_rank=16,
+    q_lora_rank=24,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=8,
+    num_key_value_heads=4,
+)
+"""Tiny-model overrides shared by the families with multi-head latent attention and one shared expert
+(DeepSeek-V3, GLM-4.7-Flash): 8 routed experts, top-2, 3 layers, the first one dense."""
+
+
 @dataclass(frozen=True)
 class MoeFamily:
     """Adapter for one MoE family in transformers 5.
