@@ -9,7 +9,7 @@ import os
 import sys
 
 from zeda_cli.main import main
-from zeda_trainer import sft
+from zeda_trainer.stages import sft
 
 _collate = sft.collate
 

@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from zeda_core import RoutingSpec, ZedaError, inject_zero_experts, set_experts_backend
+from zeda_core import RoutingSpec, ZedaError, grouped_experts_forward, inject_zero_experts, set_moe_backend
+from zeda_core.model_queries import moe_blocks
 from zeda_kernels import (
     align_real_slots,
     fused_route,
     moe_reference,
     route_reference,
     triton_experts,
-    use_triton_experts,
     zero_aware_moe,
 )
 from zeda_kernels import moe as moe_module
@@ -101,6 +101,10 @@ def test_alignment_covers_each_real_slot_once() -> None:
         members = block[block < real].long()
         assert members.numel() > 0 and bool((flat_ids[members] == expert).all())
     assert set(alignment.block_expert.tolist()) <= set(range(5))  # experts 5..7 are empty: no block
+    starts = alignment.expert_block_start.tolist()
+    assert starts[0] == 0 and starts[-1] == alignment.num_blocks and starts[5:] == [starts[5]] * 4
+    for expert in range(8):
+        assert (alignment.block_expert[starts[expert] : starts[expert + 1]] == expert).all()
     assert torch.equal(alignment.token_of_slot.long(), alignment.slot_position // 4)
 
 
@@ -211,25 +215,101 @@ def test_bad_route_input() -> None:
         fused_route(torch.zeros(3, 12, device=DEVICE), spec, torch.zeros(12, device=DEVICE))
 
 
-def test_triton_backend_in_a_model_matches_torch() -> None:
+def test_triton_backend_in_a_model_matches_torch(monkeypatch) -> None:
     model = tiny_model("qwen3_moe")
     inject_zero_experts(model, 4, init="gaussian", seed=3)
     model.to(DEVICE)
     tokens = token_batch().to(DEVICE)
+    calls = []
+    monkeypatch.setattr(
+        moe_module, "_grouped_gemm", lambda *a, _run=moe_module._grouped_gemm, **k: calls.append(1) or _run(*a, **k)
+    )
     with torch.no_grad():
         expected = model(tokens).logits
-        use_triton_experts()
-        try:
-            got = model(tokens).logits
-        finally:
-            set_experts_backend(None)
+        assert calls == []  # blocks compute with torch until told otherwise
+        set_moe_backend(model, "triton")
+        got = model(tokens).logits
+    assert {block.experts_backend.name for block in moe_blocks(model)} == {"triton"} and calls
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_triton_backend_falls_back_while_training() -> None:
+def test_triton_backend_trains() -> None:
     ids, weights, zero = routing(5, 8, 2, 0.5, seed=1)
     hidden, gate_up, down = experts(5, 32, 16, 8, torch.float32)
+    ids, weights, zero = ids.to(DEVICE), weights.to(DEVICE), zero.to(DEVICE)
     gate_up.requires_grad_(True)
-    out = triton_experts(hidden, ids.to(DEVICE), weights.to(DEVICE), zero.to(DEVICE), gate_up, down)
+    out = triton_experts(
+        hidden_states=hidden, topk_ids=ids, topk_weights=weights, zero_mask=zero, gate_up_proj=gate_up, down_proj=down
+    )
     out.sum().backward()
     assert gate_up.grad is not None and gate_up.grad.abs().sum() > 0
+    reference = gate_up.detach().clone().requires_grad_(True)
+    grouped_experts_forward(hidden, ids, weights, zero, reference, down).sum().backward()
+    torch.testing.assert_close(gate_up.grad, reference.grad, rtol=1e-5, atol=1e-5)
+
+
+def forward_and_grads(fn, hidden, ids, weights, zero, gate_up, down):
+    """``fn``'s output and the gradients of a random projection of it w.r.t. hidden, weights, gate_up, down.
+
+    A gradient the output does not depend on (an all-zero batch) is returned as zeros.
+    """
+    leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weights, gate_up, down)]
+    out = fn(leaves[0], ids, leaves[1], zero, leaves[2], leaves[3])
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.device)
+    if not out.requires_grad:
+        return out, [torch.zeros_like(leaf) for leaf in leaves]
+    grads = torch.autograd.grad((out * probe).sum(), leaves, allow_unused=True)
+    return out, [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads, strict=True)]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_zero_aware_moe_gradients_equal_reference(case: str) -> None:
+    params = dict(CASES[case])
+    tokens, top_k = params["tokens"], params["top_k"]
+    ids, weights, zero = routing(tokens, 8, top_k, params["zero_share"], seed=11, hot=params.get("hot"))
+    if tokens > 2:
+        zero[1] = True  # a token whose slots are all zero, next to tokens with real slots
+    ids, weights, zero = ids.to(DEVICE), weights.to(DEVICE), zero.to(DEVICE)
+    hidden, gate_up, down = experts(tokens, 32, 24, 8, torch.float32, seed=2)
+    got, got_grads = forward_and_grads(
+        lambda *a: zero_aware_moe(*a, config=SMALL), hidden, ids, weights, zero, gate_up, down
+    )
+    want, want_grads = forward_and_grads(grouped_experts_forward, hidden, ids, weights, zero, gate_up, down)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, g, w in zip(("hidden", "topk_weights", "gate_up_proj", "down_proj"), got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    assert not got_grads[1][zero].any()  # zero slots get no weight gradient
+    unused = torch.ones(8, dtype=torch.bool, device=DEVICE)
+    unused[ids[~zero]] = False
+    assert not got_grads[2][unused].any() and not got_grads[3][unused].any()  # experts without tokens: 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 needs a GPU (the interpreter mis-loads bf16)")
+def test_bf16_gradients_on_gpu() -> None:
+    ids, weights, zero = routing(64, 8, 2, 0.5, seed=4, hot=6)
+    ids, weights, zero = ids.cuda(), weights.cuda(), zero.cuda()
+    hidden, gate_up, down = experts(64, 64, 32, 8, torch.bfloat16)
+    _, got = forward_and_grads(zero_aware_moe, hidden, ids, weights, zero, gate_up, down)
+    _, want = forward_and_grads(
+        grouped_experts_forward, hidden.float(), ids, weights, zero, gate_up.float(), down.float()
+    )
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.float(), w, rtol=5e-2, atol=5e-2)
+
+
+def test_backward_runs_the_kernels_only_on_real_slots(monkeypatch) -> None:
+    ids, weights, zero = routing(12, 8, 2, 0.5, seed=5, hot=4)
+    hidden, gate_up, down = experts(12, 32, 16, 8, torch.float32)
+    ids, weights, zero = ids.to(DEVICE), weights.to(DEVICE), zero.to(DEVICE)
+    launches = {"gemm": 0, "wgrad": 0}
+    for name in ("_grouped_gemm", "_grouped_wgrad"):
+        real = getattr(moe_module, name)
+        key = name.removeprefix("_grouped_")
+        monkeypatch.setattr(
+            moe_module, name, lambda *a, _r=real, _k=key, **k: launches.__setitem__(_k, launches[_k] + 1) or _r(*a, **k)
+        )
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("host sync (.tolist) in the MoE kernel path"))
+    _, grads = forward_and_grads(lambda *a: zero_aware_moe(*a, config=SMALL), hidden, ids, weights, zero, gate_up, down)
+    assert launches == {"gemm": 4, "wgrad": 2}  # 2 forward + 2 input-gradient GEMMs, 2 weight-gradient GEMMs
+    assert all(g.abs().sum() > 0 for g in grads)

@@ -29,6 +29,7 @@ from zeda_core.convert import inject_zero_experts
 from zeda_core.errors import ZedaError
 from zeda_core.families import MoeFamily, family_for_config
 from zeda_core.model_queries import hf_config
+from zeda_core.moe_backends import set_moe_backend
 from zeda_core.spec import read_num_zero_experts
 
 CONFIG_FILE = "config.json"
@@ -87,6 +88,7 @@ def load_model(
     device: str | torch.device = "cpu",
     zero_aware: bool = True,
     attn_implementation: str | None = None,
+    moe_backend: str = "auto",
 ) -> PreTrainedModel:
     """Load a ZEDA, reference-format or plain MoE checkpoint as a HF causal LM in eval mode.
 
@@ -97,6 +99,9 @@ def load_model(
         zero_aware: swap in zero-aware MoE blocks (always, for Z > 0; with Z = 0 they route
             exactly like the original). ``False`` returns the unmodified HF model of a plain MoE.
         attn_implementation: HF attention backend (``sdpa``, ``eager``, ...); default: HF's choice.
+        moe_backend: what computes the zero-aware blocks' experts: ``auto`` (the Triton kernel on
+            CUDA, torch elsewhere), ``torch`` or ``triton`` (see :mod:`zeda_core.moe_backends`);
+            checked against ``device`` before any weight is read.
 
     Returns:
         A module with the HF interface: ``model(input_ids).logits`` is [B, S, vocab].
@@ -111,6 +116,7 @@ def load_model(
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     spec = inject_zero_experts(model, num_zero, init=None) if zero_aware else None
+    set_moe_backend(model, moe_backend, device=device)
     state = _to_fused_layout(_read_weights(checkpoint), family)
     if spec is not None:
         _check_gate_rows(state, spec.num_rows, spec.num_experts, num_zero)

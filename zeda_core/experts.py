@@ -4,14 +4,20 @@ This is the torch reference of the fused MoE kernel and the CPU fast path: real 
 sorted by expert, each expert runs one GEMM pair over exactly its tokens, and zero slots are
 dropped before any GEMM. The gather, the activation, the routing weights and the combine run
 once over all real slots. A batch whose slots are all zero performs no matrix multiply.
+
+It is also the ``torch`` MoE backend (:data:`torch_experts`); :class:`MoeExpertsBackend` is the
+interface every backend (``zeda_core.moe_backends``) implements.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from transformers.activations import SiLUActivation
 
 
 def grouped_experts_forward(
@@ -62,31 +68,62 @@ def _per_expert_linear(rows: torch.Tensor, weights: torch.Tensor, counts: list[i
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-ExpertsFn = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Callable], torch.Tensor
-]
-_backend: ExpertsFn = grouped_experts_forward
+ActFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def set_experts_backend(backend: ExpertsFn | None) -> None:
-    """Route every zero-aware MoE block's expert computation through ``backend``.
+def is_silu(act_fn: ActFn) -> bool:
+    """Whether ``act_fn`` is SiLU (the gate activation of SwiGLU experts)."""
+    return act_fn is F.silu or isinstance(act_fn, nn.SiLU | SiLUActivation)
 
-    It takes the arguments of :func:`grouped_experts_forward`; ``None`` restores that torch path.
-    ``zeda_kernels.use_triton_experts()`` installs the Triton kernels this way, keeping
-    ``zeda_core`` free of any kernel import.
+
+class MoeExpertsBackend(Protocol):
+    """How a MoE layer's routed experts are computed; the layer holds the weights and calls it with keywords.
+
+    Backends are picked by name (``zeda_core.moe_backends``); ``name`` is the one they are registered as.
     """
-    global _backend
-    _backend = backend or grouped_experts_forward
+
+    name: str
+
+    def check(self, device: torch.device, act_fn: ActFn) -> None:
+        """Raise :class:`~zeda_core.errors.ZedaError` where experts with ``act_fn`` on ``device`` cannot run."""
+
+    def __call__(
+        self,
+        *,
+        hidden_states: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        zero_mask: torch.Tensor,
+        gate_up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+        act_fn: ActFn,
+    ) -> torch.Tensor:
+        """[T, H] -> [T, H]; the arguments (and shapes) of :func:`grouped_experts_forward`."""
 
 
-def experts_forward(
-    hidden_states: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    zero_mask: torch.Tensor,
-    gate_up_proj: torch.Tensor,
-    down_proj: torch.Tensor,
-    act_fn: Callable[[torch.Tensor], torch.Tensor] = F.silu,
-) -> torch.Tensor:
-    """The installed experts backend (default :func:`grouped_experts_forward`); same arguments."""
-    return _backend(hidden_states, topk_ids, topk_weights, zero_mask, gate_up_proj, down_proj, act_fn)
+class TorchExperts:
+    """The ``torch`` backend: :func:`grouped_experts_forward` (any device, any activation, autograd)."""
+
+    name = "torch"
+
+    def check(self, device: torch.device, act_fn: ActFn) -> None:
+        """Runs everywhere."""
+
+    def __call__(
+        self,
+        *,
+        hidden_states: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        zero_mask: torch.Tensor,
+        gate_up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+        act_fn: ActFn = F.silu,
+    ) -> torch.Tensor:
+        """[T, H] -> [T, H], see :func:`grouped_experts_forward`."""
+        return grouped_experts_forward(
+            hidden_states, topk_ids, topk_weights, zero_mask, gate_up_proj, down_proj, act_fn
+        )
+
+
+torch_experts = TorchExperts()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zeda_core.experts import experts_forward
+from zeda_core.experts import MoeExpertsBackend, torch_experts
 from zeda_core.recording import active_recorder
 from zeda_core.routing import Routing, route
 from zeda_core.spec import RoutingSpec
@@ -62,6 +62,9 @@ class ZeroExpertMoeBlock(nn.Module):
             ``shared_experts``), kept so that weight names match the family's.
         shared: the shared expert module, run on every token.
         shared_gate: Qwen2-MoE's ``shared_expert_gate`` (sigmoid gate on the shared output).
+
+    ``experts_backend`` computes the routed experts (``torch`` by default; see
+    :func:`zeda_core.moe_backends.set_moe_backend`).
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class ZeroExpertMoeBlock(nn.Module):
         self.gate = gate
         self.experts = experts
         self.layer_idx = layer_idx
+        self.experts_backend: MoeExpertsBackend = torch_experts
         self.shared_name = shared_name
         if shared is not None:
             self.add_module(shared_name, shared)
@@ -96,14 +100,14 @@ class ZeroExpertMoeBlock(nn.Module):
         routing = self.gate(flat, forced_ids=forced)
         if recorder is not None:
             recorder.add(self.layer_idx, routing, batch, seq)
-        out = experts_forward(
-            flat,
-            routing.topk_ids,
-            routing.topk_weights,
-            routing.zero_mask,
-            self.experts.gate_up_proj,
-            self.experts.down_proj,
-            self.experts.act_fn,
+        out = self.experts_backend(
+            hidden_states=flat,
+            topk_ids=routing.topk_ids,
+            topk_weights=routing.topk_weights,
+            zero_mask=routing.zero_mask,
+            gate_up_proj=self.experts.gate_up_proj,
+            down_proj=self.experts.down_proj,
+            act_fn=self.experts.act_fn,
         )
         if self.shared_name is not None:
             shared_out = getattr(self, self.shared_name)(flat)

@@ -21,6 +21,8 @@ class SlotAlignment:
         slot_position: [R] int64, the flat index ``t * K + k`` of each real slot.
         sorted_slots: [B * block_m] int32 compact slot ids grouped by expert; padding = R.
         block_expert: [B] int32, the expert of each block.
+        expert_block_start: [N + 1] int32, expert e owns blocks ``expert_block_start[e]`` up to
+            ``expert_block_start[e + 1]`` (equal for an expert without slots).
         block_m: rows per block.
     """
 
@@ -28,6 +30,7 @@ class SlotAlignment:
     slot_position: torch.Tensor
     sorted_slots: torch.Tensor
     block_expert: torch.Tensor
+    expert_block_start: torch.Tensor
     block_m: int
 
     @property
@@ -51,7 +54,8 @@ def align_real_slots(topk_ids: torch.Tensor, zero_mask: torch.Tensor, num_expert
     block_expert = torch.repeat_interleave(torch.arange(num_experts, device=device), blocks_per_expert)
     order = torch.argsort(experts, stable=True)
     expert_start = torch.cumsum(counts, 0) - counts
-    padded_start = (torch.cumsum(blocks_per_expert, 0) - blocks_per_expert) * block_m
+    block_end = torch.cumsum(blocks_per_expert, 0)
+    padded_start = (block_end - blocks_per_expert) * block_m
     sorted_experts = experts[order]
     rank = torch.arange(num_slots, device=device) - expert_start[sorted_experts]
     sorted_slots = torch.full((block_expert.numel() * block_m,), num_slots, dtype=torch.int32, device=device)
@@ -61,5 +65,6 @@ def align_real_slots(topk_ids: torch.Tensor, zero_mask: torch.Tensor, num_expert
         slot_position=slot_position,
         sorted_slots=sorted_slots,
         block_expert=block_expert.to(torch.int32),
+        expert_block_start=torch.cat([block_end.new_zeros(1), block_end]).to(torch.int32),
         block_m=block_m,
     )

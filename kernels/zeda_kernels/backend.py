@@ -1,35 +1,56 @@
-"""Install the Triton MoE kernel as the experts backend of every zero-aware MoE block.
+"""The ``triton`` MoE backend (``zeda_core.moe_backends`` imports it on first use).
 
-The kernel has no backward pass, so it serves inference only: while autograd records (training),
-and for activations other than SiLU, the torch reference runs instead.
+It runs :func:`~zeda_kernels.moe.zero_aware_moe`, forward and backward, so both serving and
+training use the kernel. It refuses, rather than silently falls back, where the kernel cannot run.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from zeda_core.experts import grouped_experts_forward, set_experts_backend
+from zeda_core.errors import ZedaError
+from zeda_core.experts import ActFn, is_silu
 from zeda_kernels.moe import zero_aware_moe
 
 
-def triton_experts(
-    hidden_states: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    zero_mask: torch.Tensor,
-    gate_up_proj: torch.Tensor,
-    down_proj: torch.Tensor,
-    act_fn: Callable[[torch.Tensor], torch.Tensor] = F.silu,
-) -> torch.Tensor:
-    """Experts backend: the Triton kernel where it applies, else the torch reference."""
-    runnable = hidden_states.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    recording = torch.is_grad_enabled() and (hidden_states.requires_grad or gate_up_proj.requires_grad)
-    silu = act_fn is F.silu or isinstance(act_fn, torch.nn.SiLU)
-    if runnable and silu and not recording:
+class TritonExperts:
+    """The ``triton`` backend: the zero-aware Triton kernel, for SwiGLU experts."""
+
+    name = "triton"
+
+    def check(self, device: torch.device, act_fn: ActFn) -> None:
+        """Raise unless ``device`` is CUDA (or the interpreter is on) and ``act_fn`` is SiLU.
+
+        Raises:
+            ZedaError: the kernel cannot run there, or computes another activation.
+        """
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ZedaError(
+                f"MoE backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 on CPU), got {device.type}; "
+                "use 'auto' or 'torch'"
+            )
+        if not is_silu(act_fn):
+            raise ZedaError(
+                f"MoE backend 'triton' computes SwiGLU (SiLU) experts only, not {type(act_fn).__name__}; "
+                "use 'auto' or 'torch'"
+            )
+
+    def __call__(
+        self,
+        *,
+        hidden_states: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        zero_mask: torch.Tensor,
+        gate_up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+        act_fn: ActFn = F.silu,
+    ) -> torch.Tensor:
+        """[T, H] -> [T, H], see :func:`~zeda_core.experts.grouped_experts_forward` (checked first)."""
+        self.check(hidden_states.device, act_fn)
         return zero_aware_moe(
             hidden_states.contiguous(),
             topk_ids.contiguous(),
@@ -38,9 +59,6 @@ def triton_experts(
             gate_up_proj,
             down_proj,
         )
-    return grouped_experts_forward(hidden_states, topk_ids, topk_weights, zero_mask, gate_up_proj, down_proj, act_fn)
 
 
-def use_triton_experts(enabled: bool = True) -> None:
-    """Make zero-aware MoE blocks run their experts with the Triton kernel (``False`` restores torch)."""
-    set_experts_backend(triton_experts if enabled else None)
+triton_experts = TritonExperts()

@@ -3,7 +3,7 @@
 On CPU, SGLang 0.5.23 runs unquantised MoE through ``UnquantizedFusedMoEMethod.forward_cpu`` ->
 ``fused_moe_native.moe_forward_native``, which scatters on ``topk_ids``: an id of -1 (a zero slot)
 crashes it, and a weight-0 slot would still be computed. :class:`ZeroSkippingCpuMoeMethod` replaces
-that forward with ``zeda_core.experts_forward``: slots whose id is -1 or ``>= N`` are dropped before
+that forward with ``zeda_core.grouped_experts_forward``: slots whose id is -1 or ``>= N`` are dropped before
 any GEMM, and each real slot costs exactly one GEMM pair row.
 
 Every forward adds the slots it computed and skipped to the shared forward counter
@@ -18,7 +18,7 @@ from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
 from torch import nn
 
 from zeda_core.errors import ZedaError
-from zeda_core.experts import experts_forward
+from zeda_core.experts import grouped_experts_forward
 from zeda_server.sglang_models.forward_counter import FORWARD_COUNTER
 
 
@@ -30,7 +30,7 @@ class ZeroSkippingCpuMoeMethod(UnquantizedFusedMoEMethod):
         hidden_states = dispatch_output.hidden_states
         topk_weights, topk_ids, _ = dispatch_output.topk_output
         zero_mask = (topk_ids < 0) | (topk_ids >= layer.num_local_experts)
-        output = experts_forward(
+        output = grouped_experts_forward(
             hidden_states, topk_ids, topk_weights, zero_mask, layer.w13_weight, layer.w2_weight
         )
         skipped = int(zero_mask.sum())

@@ -3,6 +3,11 @@
 A stage supplies ``step_loss(model, step, accelerator) -> (loss, metrics)``: the loss of this
 process's share of global batch ``step``. Because the batch is a function of the step alone, a
 resumed run sees exactly the batches an uninterrupted run would have seen.
+
+Loss terms are normalised over the global batch (:func:`global_batch_of`): each process returns its
+share of the whole batch's loss, so the gradients that DDP averages over processes, and the loss
+and metrics that are logged (averaged over processes), are those of the global batch in one
+process, whatever the number of processes and however unevenly the valid tokens fall on them.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+from zeda_core.losses import GlobalBatch
 from zeda_trainer.common.checkpointing import load_latest_checkpoint, save_checkpoint
 from zeda_trainer.common.metrics import MetricsLog
 
@@ -49,6 +55,15 @@ def make_accelerator() -> Accelerator:
         dataloader_config=DataLoaderConfiguration(split_batches=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+
+
+def global_batch_of(accelerator: Accelerator) -> GlobalBatch:
+    """How a stage's ``step_loss`` normalises its loss terms: over the global batch of all processes.
+
+    The loop steps the optimizer on every batch (no gradient accumulation), and accelerate
+    averages the gradients over its processes, each of which holds a share of the batch.
+    """
+    return GlobalBatch(accelerator.num_processes)
 
 
 def run_training(
@@ -106,6 +121,7 @@ def run_training(
         tokens += metrics.pop("tokens", 0.0) * accelerator.num_processes
         done = step + 1
         if done % optim.log_every == 0 or done == optim.max_steps:
+            # The average over processes of their shares: the global batch's loss, on every process.
             values = torch.tensor([loss.detach().float().item(), *metrics.values()], device=accelerator.device)
             values = accelerator.reduce(values, reduction="mean").tolist()
             record = {"step": done, "loss": values[0], "lr": scheduler.get_last_lr()[0]}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from zeda_core.chat import chat_prompt_ids
 from zeda_core.errors import ZedaError
 from zeda_trainer.data.packing import read_user_jsonl
 
@@ -49,8 +50,5 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> list[in
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     """Token ids of a user prompt: the chat template when the tokenizer has one, else raw text."""
     if tokenizer.chat_template:
-        messages = [{"role": "user", "content": prompt}]
-        return list(
-            tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        )
+        return chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
     return tokenizer(prompt).input_ids

@@ -14,10 +14,9 @@ from typing import Protocol
 import httpx
 import torch
 
-from zeda_core.batching import pad_batch
 from zeda_core.checkpoint import load_model
 from zeda_core.errors import ZedaError
-from zeda_core.losses import token_logprobs
+from zeda_core.scoring import score_sequences
 
 
 class TeacherScorer(Protocol):
@@ -56,20 +55,11 @@ class LocalTeacher:
                 self.cache.move_to_end(tuple(sequence))
                 self.hits += 1
                 scores[index] = cached
-        for begin in range(0, len(todo), self.batch_size):
-            chunk = todo[begin : begin + self.batch_size]
-            for index, full in zip(chunk, self._score_all([sequences[i] for i in chunk]), strict=True):
-                scores[index] = full
-                self._remember(tuple(sequences[index]), full)
+        scored = score_sequences(self.model, [sequences[i] for i in todo], pad_token_id=0, batch_size=self.batch_size)
+        for index, full in zip(todo, scored.logprobs, strict=True):
+            scores[index] = full
+            self._remember(tuple(sequences[index]), full)
         return [scores[i][start - 1 :] for i, start in enumerate(starts)]
-
-    @torch.no_grad()
-    def _score_all(self, sequences: list[list[int]]) -> list[list[float]]:
-        """Log-probs of tokens 1..n-1 of each sequence (right-padded batch, one forward)."""
-        ids, mask = (t.to(self.device) for t in pad_batch(sequences, pad_id=0))
-        logits = self.model(input_ids=ids, attention_mask=mask).logits
-        logprobs = token_logprobs(logits[:, :-1], ids[:, 1:]).cpu()
-        return [logprobs[row, : len(sequence) - 1].tolist() for row, sequence in enumerate(sequences)]
 
     def _remember(self, key: tuple[int, ...], value: list[float]) -> None:
         if self.cache_size == 0:

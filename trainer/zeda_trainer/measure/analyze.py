@@ -24,13 +24,12 @@ import torch
 from scipy.stats import spearmanr
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from zeda_core.batching import pad_batch
 from zeda_core.checkpoint import load_model, resolve_checkpoint
 from zeda_core.errors import ZedaError
 from zeda_core.flops import FlopModel, flop_report
-from zeda_core.losses import per_token_forward_kl
+from zeda_core.losses import per_token_forward_kl, token_logprobs
 from zeda_core.model_queries import model_spec
-from zeda_core.recording import record_routing
+from zeda_core.scoring import forward_batches
 from zeda_trainer.common.generation import generate
 from zeda_trainer.common.prompts import Prompt, encode_prompt, load_prompts
 from zeda_trainer.data.tokenizer import require_same_tokenizer
@@ -150,15 +149,13 @@ def _analyze_batch(
         student, prompt_ids, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, batch_size=len(prompts)
     )
     sequences = [p + g.tokens for p, g in zip(prompt_ids, generations, strict=True)]
-    ids, mask = pad_batch(sequences, tokenizer.pad_token_id)
-    with record_routing(token_mask=mask.bool()) as recorder:
-        student_logits = student(input_ids=ids, attention_mask=mask).logits.float()
-    teacher_logits = teacher(input_ids=ids, attention_mask=mask).logits.float()
-    real = torch.stack([(~layer.zero_mask).sum(-1).float() for layer in recorder.layers]).mean(0)  # [B, S]
-    student_lp = torch.log_softmax(student_logits[:, :-1], dim=-1)
-    teacher_lp = torch.log_softmax(teacher_logits[:, :-1], dim=-1)
-    targets = ids[:, 1:, None]
-    delta = (teacher_lp.gather(-1, targets) - student_lp.gather(-1, targets)).squeeze(-1)
+    (scored,) = forward_batches(student, sequences, tokenizer.pad_token_id)
+    (teacher_scored,) = forward_batches(teacher, sequences, tokenizer.pad_token_id)
+    real = torch.stack([(~layer.zero_mask).sum(-1).float() for layer in scored.recorder.layers]).mean(0)  # [B, S]
+    student_logits, teacher_logits, targets = scored.logits[:, :-1], teacher_scored.logits[:, :-1], scored.ids[:, 1:]
+    student_lp = torch.log_softmax(student_logits.float(), dim=-1)
+    teacher_lp = torch.log_softmax(teacher_logits.float(), dim=-1)
+    delta = token_logprobs(teacher_logits, targets) - token_logprobs(student_logits, targets)
     entropy = -(teacher_lp.exp() * teacher_lp).sum(-1)
     kl = per_token_forward_kl(teacher_lp, student_lp)
     for row, (prompt, prompt_len, generation) in enumerate(

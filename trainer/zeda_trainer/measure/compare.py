@@ -26,7 +26,7 @@ from transformers import AutoTokenizer
 from zeda_core.baselines import calibrate_dynamic_skip, dynamic_skip, routing_rule, top_p_routing
 from zeda_core.checkpoint import load_model, resolve_checkpoint
 from zeda_core.flops import FlopModel
-from zeda_core.losses import per_token_forward_kl
+from zeda_core.losses import per_token_forward_kl, token_logprobs
 from zeda_core.model_queries import model_spec
 from zeda_trainer.common.checkpointing import complete_checkpoints
 from zeda_trainer.data.packing import pack_blocks, read_jsonl
@@ -117,11 +117,9 @@ class Bench:
         nll, kl, tokens = 0.0, 0.0, 0
         scored = windowed_logits(model, self.windows, self.pad_id, tally, "text")
         for (logits, ids, mask), teacher in zip(scored, self.teacher_logprobs, strict=True):
-            logprobs = torch.log_softmax(logits, dim=-1)
             target = mask[:, 1:].bool()
-            picked = logprobs[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
-            nll -= float(picked[target].sum())
-            per_token_kl = per_token_forward_kl(teacher, logprobs)[:, :-1]
+            nll -= float(token_logprobs(logits[:, :-1], ids[:, 1:])[target].sum())
+            per_token_kl = per_token_forward_kl(teacher, torch.log_softmax(logits, dim=-1))[:, :-1]
             kl += float(per_token_kl[target].sum())
             tokens += int(target.sum())
         skills_experts, text_experts = self.real_experts(tally, list(skills)), self.real_experts(tally, ["text"])

@@ -19,9 +19,9 @@ from transformers import AutoTokenizer
 
 from zeda_core.checkpoint import load_model, resolve_checkpoint
 from zeda_core.convert import inject_zero_experts
-from zeda_core.losses import load_balance_loss
+from zeda_core.losses import causal_lm_loss, load_balance_loss
 from zeda_core.recording import record_routing
-from zeda_trainer.common.loop import OptimConfig, make_accelerator, run_training
+from zeda_trainer.common.loop import OptimConfig, global_batch_of, make_accelerator, run_training
 from zeda_trainer.common.metrics import save_trained_model
 from zeda_trainer.data.packing import global_batch_rows, pack_blocks, pretraining_documents
 
@@ -58,14 +58,15 @@ def train_adamoe(config: AdaMoeConfig, resume: bool = False) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(source)
     blocks = pack_blocks(tokenizer, pretraining_documents(config.data_dir), config.block_size, config.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
+    global_batch = global_batch_of(accelerator)
 
     def step_loss(model: torch.nn.Module, step: int, acc: Accelerator) -> tuple[torch.Tensor, dict[str, float]]:
         rows = global_batch_rows(step, config.batch_size, blocks.shape[0], config.seed)[rank::world]
         batch = blocks[rows].to(acc.device)
         with record_routing(keep_probs=True) as recorder:
-            lm = model(input_ids=batch, labels=batch).loss
-        balance = load_balance_loss(recorder)
-        counts = recorder.slot_counts().sum(dim=(0, 1)).double()
+            lm = causal_lm_loss(model(input_ids=batch).logits, batch, global_batch)
+        balance = load_balance_loss(recorder, global_batch)
+        counts = global_batch.total(recorder.slot_counts().sum(dim=(0, 1))).double()
         metrics = {"lm": lm.item(), "load_balance": balance.item(), "r_ze": float(counts[1] / counts.sum())}
         return lm + config.lb_coef * balance, metrics | {"tokens": float(batch.numel())}
 

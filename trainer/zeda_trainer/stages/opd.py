@@ -23,12 +23,19 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from zeda_core.batching import pad_batch
 from zeda_core.checkpoint import load_model, resolve_checkpoint
 from zeda_core.errors import ZedaError
-from zeda_core.losses import group_aux_loss_over_layers, group_aux_target_ratio, token_logprobs
+from zeda_core.losses import (
+    ONE_PROCESS,
+    GlobalBatch,
+    group_aux_loss_over_layers,
+    group_aux_target_ratio,
+    token_logprobs,
+)
 from zeda_core.model_queries import model_spec, moe_blocks
+from zeda_core.moe_backends import set_moe_backend
 from zeda_core.recording import RoutingRecorder, record_routing
 from zeda_trainer.common.generation import Generation, generate
 from zeda_trainer.common.group_loss import GroupLossConfig
-from zeda_trainer.common.loop import OptimConfig, make_accelerator, run_training
+from zeda_trainer.common.loop import OptimConfig, global_batch_of, make_accelerator, run_training
 from zeda_trainer.common.metrics import MetricsLog, save_trained_model
 from zeda_trainer.common.prompts import encode_prompt, load_prompts
 from zeda_trainer.common.teacher import TeacherScorer, make_teacher
@@ -69,6 +76,9 @@ class OpdConfig(BaseModel):
     routing_replay: bool = True
     group_loss: GroupLossConfig = GroupLossConfig(alpha=1.0)
     trainable: Literal["all", "router"] = "all"
+    moe_backend: Literal["auto", "torch", "triton"] = "auto"
+    """What computes the student's experts (forward and backward): ``auto`` (the Triton kernel on
+    CUDA, torch on CPU), ``torch``, or ``triton`` (CUDA, or ``TRITON_INTERPRET=1`` on CPU)."""
     optim: OptimConfig = OptimConfig(max_steps=200, lr=1e-4, warmup_steps=10, betas=(0.9, 0.98))
 
     @model_validator(mode="after")
@@ -105,20 +115,26 @@ class OnPolicyBatch:
 
 
 def clipped_policy_loss(
-    new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, eps: float
+    new_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    eps: float,
+    global_batch: GlobalBatch = ONE_PROCESS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO-clip surrogate, mean over masked tokens; returns (loss, fraction of tokens clipped).
 
-    All tensors are [B, T]; ``advantages`` carry no gradient.
+    All tensors are [B, T]; ``advantages`` carry no gradient. Both means are over the masked
+    tokens of ``global_batch`` (this process's shares, see :class:`GlobalBatch`).
     """
     ratio = torch.exp(new_logprobs - old_logprobs)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - eps, 1.0 + eps) * advantages
     per_token = -torch.minimum(unclipped, clipped)
     weight = mask.float()
-    count = weight.sum().clamp(min=1.0)
-    loss = (per_token * weight).sum() / count
-    clip_fraction = (((ratio - 1.0).abs() > eps).float() * weight).sum() / count
+    count = global_batch.total(weight.sum())
+    loss = global_batch.share((per_token * weight).sum(), count)
+    clip_fraction = global_batch.share((((ratio - 1.0).abs() > eps).float() * weight).sum(), count)
     return loss, clip_fraction
 
 
@@ -184,29 +200,45 @@ def policy_forward(
 
 
 def opd_loss(
-    model: torch.nn.Module, batch: OnPolicyBatch, num_experts: int, config: OpdConfig
+    model: torch.nn.Module,
+    batch: OnPolicyBatch,
+    num_experts: int,
+    config: OpdConfig,
+    global_batch: GlobalBatch = ONE_PROCESS,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO-clipped OPD loss + L_GA of one batch, and its metrics (real tokens only)."""
+    """PPO-clipped OPD loss + L_GA of one batch, and its metrics (real tokens only).
+
+    Under data parallelism ``batch`` is this process's share of ``global_batch``: the clipped
+    loss and L_GA are normalised over the global batch's tokens, the loss and the per-token
+    metrics are this process's shares (their average over processes is the global batch's value)
+    and the r_ze metrics are those of the global batch.
+    """
     new_logprobs, recorder = policy_forward(model, batch, keep_probs=True)
     mask = batch.completion_mask
     advantages = (batch.teacher_logprobs - batch.old_logprobs).detach()
     policy, clip_fraction = clipped_policy_loss(
-        new_logprobs, batch.old_logprobs, advantages, batch.loss_mask, config.clip_eps
+        new_logprobs, batch.old_logprobs, advantages, batch.loss_mask, config.clip_eps, global_batch
     )
     group = config.group_loss
     l_ga = group_aux_loss_over_layers(
-        recorder, num_experts, group.zero_group_weight, group.alpha, group.per_sequence, group.pool_layers
+        recorder,
+        num_experts,
+        group.zero_group_weight,
+        group.alpha,
+        group.per_sequence,
+        group.pool_layers,
+        global_batch,
     )
-    counts = recorder.slot_counts().sum(dim=0).double()  # [L, 2]
-    tokens = mask.float().sum().clamp(min=1.0)
+    counts = global_batch.total(recorder.slot_counts().sum(dim=0)).double()  # [L, 2]
+    tokens = global_batch.total(mask.float().sum())
     metrics = {
         "policy": policy.item(),
         "l_ga": l_ga.item(),
         "r_ze": float(counts[:, 1].sum() / counts.sum()),
         # Mean advantage over sampled tokens = minus a sample estimate of KL(student || teacher).
-        "reverse_kl": float(-(advantages * mask).sum() / tokens),
+        "reverse_kl": float(global_batch.share(-(advantages * mask).sum(), tokens)),
         "clip_fraction": clip_fraction.item(),
-        "completion_tokens": float(mask.sum()) / mask.shape[0],
+        "completion_tokens": float(global_batch.mean(mask.float().sum(), mask.shape[0])),
     }
     metrics |= {f"r_ze_layer{i}": float(c[1] / c.sum()) for i, c in enumerate(counts)}
     return policy + l_ga, metrics
@@ -285,14 +317,16 @@ def train_opd(config: OpdConfig, resume: bool = False) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(student_path)
     prompts = [encode_prompt(tokenizer, p) for p in load_prompts(config.prompts)]
     student, num_experts, num_rows = build_opd_student(config)
+    set_moe_backend(student, config.moe_backend, device=accelerator.device)
     teacher = make_teacher(config.teacher, accelerator.device, config.teacher_cache, config.teacher_api_key)
     sampler = OnPolicySampler(
         config, tokenizer, prompts, teacher, num_rows, accelerator.process_index, accelerator.num_processes
     )
+    global_batch = global_batch_of(accelerator)
 
     def step_loss(model: torch.nn.Module, step: int, acc: Accelerator) -> tuple[torch.Tensor, dict[str, float]]:
         batch = sampler.batch(acc.unwrap_model(model), step, acc.device)
-        loss, metrics = opd_loss(model, batch, num_experts, config)
+        loss, metrics = opd_loss(model, batch, num_experts, config, global_batch)
         return loss, metrics | {"tokens": float(batch.attention_mask.sum())}
 
     model, log = run_training(accelerator, student, config.optim, config.run_dir, step_loss, resume, "opd")

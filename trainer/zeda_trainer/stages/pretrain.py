@@ -14,7 +14,8 @@ from accelerate import Accelerator
 from pydantic import BaseModel, ConfigDict
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from zeda_trainer.common.loop import OptimConfig, make_accelerator, run_training
+from zeda_core.losses import causal_lm_loss
+from zeda_trainer.common.loop import OptimConfig, global_batch_of, make_accelerator, run_training
 from zeda_trainer.common.metrics import MetricsLog, save_trained_model
 from zeda_trainer.data.build import build_dataset
 from zeda_trainer.data.packing import global_batch_rows, pack_blocks, pretraining_documents, read_jsonl
@@ -96,12 +97,16 @@ def pretrain(config: PretrainConfig, resume: bool = False) -> Path:
     tokenizer = prepare_tokenizer(config)
     blocks = pack_blocks(tokenizer, pretraining_documents(config.data_dir), config.block_size, config.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
+    global_batch = global_batch_of(accelerator)
 
     def step_loss(model: torch.nn.Module, step: int, acc: Accelerator) -> tuple[torch.Tensor, dict[str, float]]:
         rows = global_batch_rows(step, config.batch_size, blocks.shape[0], config.seed)[rank::world]
         batch = blocks[rows].to(acc.device)
         epoch = (step + 1) * config.batch_size / blocks.shape[0]
-        return model(input_ids=batch, labels=batch).loss, {"epoch": epoch, "tokens": float(batch.numel())}
+        output = model(input_ids=batch)
+        # The next-token NLL over the global batch; HF's router aux loss is a per-process statistic.
+        loss = causal_lm_loss(output.logits, batch, global_batch) + config.shape.router_aux_loss_coef * output.aux_loss
+        return loss, {"epoch": epoch, "tokens": float(batch.numel())}
 
     model, log = run_training(
         accelerator, build_teacher(config, tokenizer), config.optim, config.run_dir, step_loss, resume, "pretrain"

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import reduce
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,16 +25,20 @@ from zeda_core.checkpoint import load_model, resolve_checkpoint
 from zeda_core.convert import inject_zero_experts, nudge_zero_bias
 from zeda_core.errors import ZedaError
 from zeda_core.losses import (
+    ONE_PROCESS,
+    GlobalBatch,
     group_aux_loss_of_layers,
     group_aux_target_ratio,
     hidden_state_loss,
     logits_forward_kl,
+    token_nll,
     zero_allocation_loss,
 )
 from zeda_core.model_queries import moe_blocks
+from zeda_core.moe_backends import set_moe_backend
 from zeda_core.recording import record_routing
 from zeda_trainer.common.group_loss import GroupLossConfig
-from zeda_trainer.common.loop import OptimConfig, make_accelerator, run_training
+from zeda_trainer.common.loop import OptimConfig, global_batch_of, make_accelerator, run_training
 from zeda_trainer.common.metrics import MetricsLog, save_trained_model
 from zeda_trainer.common.prompts import load_prompts
 from zeda_trainer.data.packing import global_batch_rows, pack_blocks, read_user_jsonl
@@ -84,6 +87,9 @@ class SftConfig(BaseModel):
     next token the KL covers, zero-expert probability moves from tokens the student predicts
     worse than the average of their sequence (higher KL) to the sequence's easier tokens."""
     trainable: Literal["all", "router"] = "all"
+    moe_backend: Literal["auto", "torch", "triton"] = "auto"
+    """What computes the student's experts (forward and backward): ``auto`` (the Triton kernel on
+    CUDA, torch on CPU), ``torch``, or ``triton`` (CUDA, or ``TRITON_INTERPRET=1`` on CPU)."""
     optim: OptimConfig = OptimConfig(max_steps=300, lr=5e-4, warmup_steps=30, betas=(0.9, 0.98))
 
 
@@ -181,6 +187,7 @@ def sft_loss(
     config: SftConfig,
     teacher: torch.nn.Module | None = None,
     max_chunks: int = 8,
+    global_batch: GlobalBatch = ONE_PROCESS,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one right-padded batch and its metrics; padding enters neither the losses nor the ratios.
 
@@ -194,6 +201,12 @@ def sft_loss(
     Rows run in groups of similar length (:func:`length_chunks`, at most ``max_chunks``), so
     short rollouts next to long text blocks cost little padding. Every term is computed on the
     real tokens of all groups together, so the loss is that of the whole batch in one forward.
+
+    Under data parallelism ``batch`` is this process's share of the global batch, and
+    ``global_batch`` says how it is split: every term (NLL, KL, allocation and hidden-state
+    losses, and L_GA's token statistics) is normalised over the global batch, the loss and the
+    loss metrics are this process's shares (their average over processes is the global batch's
+    value) and the r_ze metrics are those of the global batch.
     """
     mask = batch["attention_mask"].bool()
     if not (mask[:, 1:] <= mask[:, :-1]).all():
@@ -208,7 +221,7 @@ def sft_loss(
         return [torch.cat(layer) for layer in zip(*(piece[key] for piece in pieces), strict=True)]
 
     logits, targets = joined("logits"), joined("targets")
-    nll = F.cross_entropy(logits.float(), targets, ignore_index=-100)
+    nll = token_nll(logits, targets, global_batch)
     group = config.group_loss
     l_ga = group_aux_loss_of_layers(
         joined_layers("probs"),
@@ -219,9 +232,10 @@ def sft_loss(
         group.alpha,
         joined("sequence") if group.per_sequence else None,
         group.pool_layers,
+        global_batch,
     )
     loss = nll + l_ga
-    counts = torch.stack([piece["counts"] for piece in pieces]).sum(dim=0).double()  # [L, 2]
+    counts = global_batch.total(torch.stack([piece["counts"] for piece in pieces]).sum(dim=0)).double()  # [L, 2]
     per_layer = (counts[:, 1] / counts.sum(dim=1)).tolist()
     metrics = {"nll": nll.item(), "l_ga": l_ga.item(), "r_ze": float(counts[:, 1].sum() / counts.sum())}
     metrics |= {f"r_ze_layer{i}": ratio for i, ratio in enumerate(per_layer)}
@@ -229,18 +243,19 @@ def sft_loss(
         # Every position with kl_tokens "all": a full slice, so the logits are not copied.
         covered = targets != -100 if config.kl_tokens == "completion" else slice(None)
         per_token = logits_forward_kl(joined("teacher_logits")[covered], logits[covered])
-        kl = per_token.mean()
+        kl = global_batch.mean(per_token.sum(), per_token.numel())
         loss = loss + config.kl_weight * kl
         metrics["kl"] = kl.item()
         if config.allocation_weight > 0:
             chosen = joined("next_group")[covered]
             layers = joined_layers("next_probs")
             zero_probs = torch.stack([probs[covered][chosen, num_experts:].sum(-1) for probs in layers])
-            allocation = zero_allocation_loss(zero_probs, per_token[chosen], joined("next_row")[covered][chosen])
+            next_rows = joined("next_row")[covered][chosen]
+            allocation = zero_allocation_loss(zero_probs, per_token[chosen], next_rows, global_batch)
             loss = loss + config.allocation_weight * allocation
             metrics["allocation"] = allocation.item()
     if "teacher_hidden" in pieces[0]:
-        hidden = hidden_state_loss(joined_layers("teacher_hidden"), joined_layers("hidden"))
+        hidden = hidden_state_loss(joined_layers("teacher_hidden"), joined_layers("hidden"), global_batch=global_batch)
         loss = loss + config.hidden_weight * hidden
         metrics["hidden"] = hidden.item()
     return loss, metrics
@@ -292,9 +307,11 @@ def train_sft(config: SftConfig, resume: bool = False) -> Path:
     records = cached_rollouts(cache, prompts)
     text_blocks = text_mix_blocks(tokenizer, config.text, config.seed)
     student, num_experts = build_student(config)
+    set_moe_backend(student, config.moe_backend, device=accelerator.device)
     distils = config.kl_weight > 0 or config.hidden_weight > 0
     teacher = load_model(config.teacher).to(accelerator.device) if distils else None
     rank, world = accelerator.process_index, accelerator.num_processes
+    global_batch = global_batch_of(accelerator)
 
     def step_loss(model: torch.nn.Module, step: int, acc: Accelerator) -> tuple[torch.Tensor, dict[str, float]]:
         rows = global_batch_rows(step, config.batch_size, len(records), config.seed)[rank::world].tolist()
@@ -307,7 +324,7 @@ def train_sft(config: SftConfig, resume: bool = False) -> Path:
             group_mask = batch["attention_mask"].clone()
             group_mask[len(rows) :] = 0
             batch["group_mask"] = group_mask
-        loss, metrics = sft_loss(model, batch, num_experts, config, teacher)
+        loss, metrics = sft_loss(model, batch, num_experts, config, teacher, global_batch=global_batch)
         return loss, metrics | {"tokens": float(batch["attention_mask"].sum())}
 
     target = group_aux_target_ratio(num_experts, config.zero_experts, config.group_loss.zero_group_weight)
