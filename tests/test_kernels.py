@@ -1,10 +1,14 @@
 """Triton kernels against their torch references (interpreter on CPU, compiled on CUDA)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from zeda_core import RoutingSpec, ZedaError, grouped_experts_forward, inject_zero_experts, set_moe_backend
 from zeda_core.model_queries import moe_blocks
+from zeda_core.routing import Routing
 from zeda_kernels import (
     align_real_slots,
     fused_route,
@@ -238,9 +242,8 @@ def test_triton_backend_trains() -> None:
     hidden, gate_up, down = experts(5, 32, 16, 8, torch.float32)
     ids, weights, zero = ids.to(DEVICE), weights.to(DEVICE), zero.to(DEVICE)
     gate_up.requires_grad_(True)
-    out = triton_experts(
-        hidden_states=hidden, topk_ids=ids, topk_weights=weights, zero_mask=zero, gate_up_proj=gate_up, down_proj=down
-    )
+    layer = SimpleNamespace(gate_up_proj=gate_up, down_proj=down, act_fn=F.silu)
+    out = triton_experts(hidden, Routing(ids, weights, zero, probs=torch.empty(0)), layer)
     out.sum().backward()
     assert gate_up.grad is not None and gate_up.grad.abs().sum() > 0
     reference = gate_up.detach().clone().requires_grad_(True)

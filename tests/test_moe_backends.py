@@ -3,6 +3,7 @@
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 from zeda_core import MOE_BACKENDS, ZedaError, grouped_experts_forward, load_model, moe_backend, set_moe_backend
 from zeda_core.model_queries import moe_blocks
+from zeda_core.routing import Routing
 
 TINY_ZEDA = Path(__file__).resolve().parents[1] / "models" / "tiny-zeda"
 
@@ -31,6 +33,13 @@ def experts_inputs(device: str = "cpu") -> dict[str, torch.Tensor]:
         down_proj=torch.randn(4, 16, 16, generator=g),
     )
     return {name: tensor.to(device) for name, tensor in inputs.items()}
+
+
+def run(backend, inputs: dict[str, torch.Tensor], act_fn=F.silu) -> torch.Tensor:
+    """``backend`` on the raw tensors of :func:`experts_inputs`, called as a MoE layer calls it."""
+    routing = Routing(inputs["topk_ids"], inputs["topk_weights"], inputs["zero_mask"], probs=torch.empty(0))
+    experts = SimpleNamespace(gate_up_proj=inputs["gate_up_proj"], down_proj=inputs["down_proj"], act_fn=act_fn)
+    return backend(inputs["hidden_states"], routing, experts)
 
 
 def test_names_resolve_and_unknown_names_are_refused() -> None:
@@ -64,7 +73,7 @@ def test_triton_needs_cuda_or_the_interpreter(monkeypatch) -> None:
     set_moe_backend(model, "triton", device="cuda")  # checked against where the model will run
     assert backends_of(model) == {"triton"}
     with pytest.raises(ZedaError, match=message):
-        moe_backend("triton")(**experts_inputs(), act_fn=F.silu)  # and again on each call
+        run(moe_backend("triton"), experts_inputs())  # and again on each call
 
 
 def test_triton_refuses_other_activations_and_auto_falls_back(monkeypatch) -> None:
@@ -78,9 +87,9 @@ def test_triton_refuses_other_activations_and_auto_falls_back(monkeypatch) -> No
     assert backends_of(model) == {"auto"}
     inputs = experts_inputs()
     with pytest.raises(ZedaError, match="SwiGLU"):
-        moe_backend("triton")(**inputs, act_fn=F.gelu)
+        run(moe_backend("triton"), inputs, F.gelu)
     expected = grouped_experts_forward(*inputs.values(), act_fn=F.gelu)
-    torch.testing.assert_close(moe_backend("auto")(**inputs, act_fn=F.gelu), expected)
+    torch.testing.assert_close(run(moe_backend("auto"), inputs, F.gelu), expected)
 
 
 class Spy:
@@ -94,16 +103,16 @@ class Spy:
     def check(self, device: torch.device, act_fn) -> None:
         pass
 
-    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, hidden_states: torch.Tensor, routing: Routing, experts) -> torch.Tensor:
         self.calls += 1
-        return moe_backend("torch")(**inputs)
+        return moe_backend("torch")(hidden_states, routing, experts)
 
 
 def test_auto_runs_torch_on_cpu(monkeypatch) -> None:
     spy = Spy()
     monkeypatch.setitem(MOE_BACKENDS, "triton", spy)
     inputs = experts_inputs()
-    torch.testing.assert_close(moe_backend("auto")(**inputs, act_fn=F.silu), grouped_experts_forward(*inputs.values()))
+    torch.testing.assert_close(run(moe_backend("auto"), inputs), grouped_experts_forward(*inputs.values()))
     assert spy.calls == 0
 
 
@@ -113,9 +122,9 @@ def test_auto_runs_triton_on_cuda(monkeypatch) -> None:
     spy = Spy()
     monkeypatch.setitem(MOE_BACKENDS, "triton", spy)
     inputs = experts_inputs("cuda")
-    moe_backend("auto")(**inputs, act_fn=F.silu)
+    run(moe_backend("auto"), inputs)
     assert spy.calls == 1
-    moe_backend("auto")(**inputs, act_fn=F.gelu)
+    run(moe_backend("auto"), inputs, F.gelu)
     assert spy.calls == 1
 
 

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import SiLUActivation
 
+from zeda_core.routing import Routing
+
 
 def grouped_experts_forward(
     hidden_states: torch.Tensor,
@@ -87,18 +89,18 @@ class MoeExpertsBackend(Protocol):
     def check(self, device: torch.device, act_fn: ActFn) -> None:
         """Raise :class:`~zeda_core.errors.ZedaError` where experts with ``act_fn`` on ``device`` cannot run."""
 
-    def __call__(
-        self,
-        *,
-        hidden_states: torch.Tensor,
-        topk_ids: torch.Tensor,
-        topk_weights: torch.Tensor,
-        zero_mask: torch.Tensor,
-        gate_up_proj: torch.Tensor,
-        down_proj: torch.Tensor,
-        act_fn: ActFn,
-    ) -> torch.Tensor:
-        """[T, H] -> [T, H]; the arguments (and shapes) of :func:`grouped_experts_forward`."""
+    def __call__(self, hidden_states: torch.Tensor, routing: Routing, experts: nn.Module) -> torch.Tensor:
+        """The routed experts' output of T tokens.
+
+        Args:
+            hidden_states: [T, H] activations.
+            routing: the T tokens' slots (``topk_ids``, ``topk_weights``, ``zero_mask``: [T, K]),
+                computed once by the layer's router.
+            experts: the layer's experts module: ``gate_up_proj`` [N, 2I, H], ``down_proj`` [N, H, I], ``act_fn``.
+
+        Returns:
+            [T, H] in the dtype of ``hidden_states``.
+        """
 
 
 class TorchExperts:
@@ -109,20 +111,16 @@ class TorchExperts:
     def check(self, device: torch.device, act_fn: ActFn) -> None:
         """Runs everywhere."""
 
-    def __call__(
-        self,
-        *,
-        hidden_states: torch.Tensor,
-        topk_ids: torch.Tensor,
-        topk_weights: torch.Tensor,
-        zero_mask: torch.Tensor,
-        gate_up_proj: torch.Tensor,
-        down_proj: torch.Tensor,
-        act_fn: ActFn = F.silu,
-    ) -> torch.Tensor:
-        """[T, H] -> [T, H], see :func:`grouped_experts_forward`."""
+    def __call__(self, hidden_states: torch.Tensor, routing: Routing, experts: nn.Module) -> torch.Tensor:
+        """[T, H] -> [T, H], see :class:`MoeExpertsBackend`."""
         return grouped_experts_forward(
-            hidden_states, topk_ids, topk_weights, zero_mask, gate_up_proj, down_proj, act_fn
+            hidden_states,
+            routing.topk_ids,
+            routing.topk_weights,
+            routing.zero_mask,
+            experts.gate_up_proj,
+            experts.down_proj,
+            experts.act_fn,
         )
 
 

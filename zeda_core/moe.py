@@ -100,15 +100,7 @@ class ZeroExpertMoeBlock(nn.Module):
         routing = self.gate(flat, forced_ids=forced)
         if recorder is not None:
             recorder.add(self.layer_idx, routing, batch, seq)
-        out = self.experts_backend(
-            hidden_states=flat,
-            topk_ids=routing.topk_ids,
-            topk_weights=routing.topk_weights,
-            zero_mask=routing.zero_mask,
-            gate_up_proj=self.experts.gate_up_proj,
-            down_proj=self.experts.down_proj,
-            act_fn=self.experts.act_fn,
-        )
+        out = self.experts_backend(flat, routing, self.experts)
         if self.shared_name is not None:
             shared_out = getattr(self, self.shared_name)(flat)
             if hasattr(self, "shared_expert_gate"):

@@ -17,12 +17,12 @@ import importlib
 from functools import cache
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from zeda_core.errors import ZedaError
 from zeda_core.experts import ActFn, MoeExpertsBackend, is_silu, torch_experts
 from zeda_core.model_queries import moe_blocks
+from zeda_core.routing import Routing
 
 
 class AutoExperts:
@@ -33,28 +33,10 @@ class AutoExperts:
     def check(self, device: torch.device, act_fn: ActFn) -> None:
         """Runs everywhere (it falls back to ``torch``)."""
 
-    def __call__(
-        self,
-        *,
-        hidden_states: torch.Tensor,
-        topk_ids: torch.Tensor,
-        topk_weights: torch.Tensor,
-        zero_mask: torch.Tensor,
-        gate_up_proj: torch.Tensor,
-        down_proj: torch.Tensor,
-        act_fn: ActFn = F.silu,
-    ) -> torch.Tensor:
-        """[T, H] -> [T, H], see :func:`~zeda_core.experts.grouped_experts_forward`."""
-        backend = moe_backend("triton") if hidden_states.is_cuda and is_silu(act_fn) else torch_experts
-        return backend(
-            hidden_states=hidden_states,
-            topk_ids=topk_ids,
-            topk_weights=topk_weights,
-            zero_mask=zero_mask,
-            gate_up_proj=gate_up_proj,
-            down_proj=down_proj,
-            act_fn=act_fn,
-        )
+    def __call__(self, hidden_states: torch.Tensor, routing: Routing, experts: nn.Module) -> torch.Tensor:
+        """[T, H] -> [T, H], see :class:`~zeda_core.experts.MoeExpertsBackend`."""
+        triton = hidden_states.is_cuda and is_silu(experts.act_fn)
+        return (moe_backend("triton") if triton else torch_experts)(hidden_states, routing, experts)
 
 
 MOE_BACKENDS: dict[str, MoeExpertsBackend | str] = {

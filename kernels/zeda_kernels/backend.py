@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 from zeda_core.errors import ZedaError
 from zeda_core.experts import ActFn, is_silu
+from zeda_core.routing import Routing
 from zeda_kernels.moe import zero_aware_moe
 
 
@@ -38,26 +39,16 @@ class TritonExperts:
                 "use 'auto' or 'torch'"
             )
 
-    def __call__(
-        self,
-        *,
-        hidden_states: torch.Tensor,
-        topk_ids: torch.Tensor,
-        topk_weights: torch.Tensor,
-        zero_mask: torch.Tensor,
-        gate_up_proj: torch.Tensor,
-        down_proj: torch.Tensor,
-        act_fn: ActFn = F.silu,
-    ) -> torch.Tensor:
-        """[T, H] -> [T, H], see :func:`~zeda_core.experts.grouped_experts_forward` (checked first)."""
-        self.check(hidden_states.device, act_fn)
+    def __call__(self, hidden_states: torch.Tensor, routing: Routing, experts: nn.Module) -> torch.Tensor:
+        """[T, H] -> [T, H], see :class:`~zeda_core.experts.MoeExpertsBackend` (checked first)."""
+        self.check(hidden_states.device, experts.act_fn)
         return zero_aware_moe(
             hidden_states.contiguous(),
-            topk_ids.contiguous(),
-            topk_weights.contiguous(),
-            zero_mask.contiguous(),
-            gate_up_proj,
-            down_proj,
+            routing.topk_ids.contiguous(),
+            routing.topk_weights.contiguous(),
+            routing.zero_mask.contiguous(),
+            experts.gate_up_proj,
+            experts.down_proj,
         )
 
 
