@@ -22,6 +22,7 @@ from zeda_core.losses import (
     token_logprobs,
     zero_group_weight_for,
 )
+from zeda_core.model_queries import model_spec, moe_blocks, spec_from_config
 from zeda_core.moe import ZeroExpertMoeBlock, ZeroExpertRouter
 from zeda_core.moe_backends import MOE_BACKENDS, moe_backend, set_moe_backend
 from zeda_core.recording import LayerRouting, RoutingRecorder, active_recorder, record_routing
@@ -63,6 +64,8 @@ __all__ = [
     "grouped_experts_forward",
     "inject_zero_experts",
     "load_model",
+    "model_spec",
+    "moe_blocks",
     "moe_backend",
     "opd_advantage",
     "read_num_zero_experts",
@@ -73,6 +76,7 @@ __all__ = [
     "save_model",
     "score_sequences",
     "set_moe_backend",
+    "spec_from_config",
     "token_logprobs",
     "write_num_zero_experts",
     "zero_group_weight_for",
