@@ -41,7 +41,8 @@ import torch
 from zeda_core.atomic import publish_benchmark
 from zeda_core.checkpoint import read_config
 from zeda_core.model_queries import moe_blocks, spec_from_config
-from zeda_server.engine import SamplingParams, TorchEngine
+from zeda_server.engine import TorchEngine
+from zeda_server.engine_api import SamplingParams
 from zeda_server.launch import running_server
 
 MARKERS = {"torch": "bench:serve:cpu", "sglang": "bench:serve:cpu:sglang"}

@@ -17,15 +17,15 @@ class InjectedFault(BaseException):
 
 
 steps = [0]
-healthy_step = TorchEngine._step
+healthy_run_lane = TorchEngine._run_lane
 
 
-def faulty_step(self, lane, admitted):
+def faulty_run_lane(self, lane, admitted):
     steps[0] += 1
     if steps[0] > STEPS_BEFORE_FAULT:
         raise InjectedFault("fault injected in the forward")
-    return healthy_step(self, lane, admitted)
+    return healthy_run_lane(self, lane, admitted)
 
 
-TorchEngine._step = faulty_step
+TorchEngine._run_lane = faulty_run_lane
 sys.exit(main(sys.argv[1:]))

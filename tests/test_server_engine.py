@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import inspect
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +11,9 @@ import torch
 from transformers import AutoTokenizer
 
 from zeda_core import load_model
-from zeda_server.engine import QueueFull, SamplingParams, TorchEngine, _sample_row
+from zeda_core.sampling import sample_next_tokens
+from zeda_server.engine import TorchEngine
+from zeda_server.engine_api import Engine, QueueFull, SamplingParams
 from zeda_server.text_stream import TextStream
 from zeda_trainer.common.generation import generate
 
@@ -126,9 +129,8 @@ def test_seeded_sampling_is_reproducible_and_respects_max_tokens(engine: TorchEn
 def test_sampler_draws_from_the_tempered_nucleus(temperature: float, top_p: float) -> None:
     """Token frequencies over 4000 draws from one logit row match softmax(logits / T) cut to the top-p nucleus."""
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
-    params = SamplingParams(max_tokens=1, temperature=temperature, top_p=top_p)
     generator = torch.Generator().manual_seed(0)
-    draws = torch.tensor([_sample_row(logits, params, generator) for _ in range(4000)])
+    draws = sample_next_tokens(logits.expand(4000, -1), temperature, top_p, generator)
     frequencies = torch.bincount(draws, minlength=len(logits)) / len(draws)
     expected = torch.softmax(logits / temperature, dim=-1)  # logits are sorted: the nucleus is a prefix
     expected = torch.where(expected.cumsum(-1) - expected <= top_p, expected, 0.0)
@@ -227,3 +229,65 @@ def test_kv_token_cap_queues_requests_past_it_and_serves_them_all(small_student:
     default = TorchEngine(str(small_student), max_batch=3)
     assert default.max_total_tokens == 3 * default.context_length
     default.shutdown()
+
+
+def _protocol_members() -> dict[str, object]:
+    """Name -> declaration of every member of the Engine protocol (attributes, properties, methods)."""
+    declared = {name: value for name, value in vars(Engine).items() if not name.startswith("_")}
+    return declared | {name: None for name in inspect.get_annotations(Engine)}
+
+
+def _missing_members(engine_class: type) -> list[str]:
+    """Protocol members ``engine_class`` lacks or declares differently (kind, parameters, async-ness)."""
+    wrong = []
+    for name, declared in _protocol_members().items():
+        if declared is None:  # an attribute: set in __init__, declared on the class
+            if name not in inspect.get_annotations(engine_class):
+                wrong.append(name)
+            continue
+        actual = getattr(engine_class, name, None)
+        if isinstance(declared, property):
+            if not isinstance(actual, property):
+                wrong.append(name)
+            continue
+        same_kind = actual is not None and inspect.iscoroutinefunction(declared) == inspect.iscoroutinefunction(actual)
+        if not same_kind or list(inspect.signature(declared).parameters) != list(inspect.signature(actual).parameters):
+            wrong.append(name)
+    return wrong
+
+
+def test_both_engines_implement_the_engine_protocol(engine: TorchEngine) -> None:
+    pytest.importorskip("sglang")
+    from zeda_server.sglang_engine import SglangEngine
+
+    assert {"submit", "score", "on_failure", "tokenizer", "fingerprint"} <= set(_protocol_members())
+    assert isinstance(engine, Engine)
+    assert _missing_members(TorchEngine) == []
+    assert _missing_members(SglangEngine) == []
+
+
+def test_the_server_and_generate_run_one_runner(engine: TorchEngine) -> None:
+    """Greedy requests sharing the server's batch get exactly generate()'s tokens and slot counts for that batch."""
+    prompts = _prompts(engine, 8)
+    limits = [3, 9, 1, 6, 12, 5, 2, 8]
+
+    async def together():
+        with engine._wake:  # one prefill of all 8, as generate() runs them
+            tasks = [
+                asyncio.create_task(_run(engine, p, SamplingParams(max_tokens=n, temperature=0.0)))
+                for p, n in zip(prompts, limits, strict=True)
+            ]
+            while engine.queue_depth < len(prompts):
+                await asyncio.sleep(0)
+        return await asyncio.gather(*tasks)
+
+    with _forward_rows(engine.model) as rows:
+        served = asyncio.run(together())
+    tokenizer = engine.tokenizer
+    reference = generate(engine.model, prompts, limits, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert rows[0] == len(prompts)
+    for (tokens, _, _, final), expected in zip(served, reference, strict=True):
+        assert tokens == expected.tokens
+        assert final.report.tokens == expected.processed_tokens
+        assert final.report.real_slots == int(expected.slot_counts[:, 0].sum())
+        assert final.report.zero_slots == int(expected.slot_counts[:, 1].sum())

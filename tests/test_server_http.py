@@ -16,7 +16,7 @@ from api_checks import API_KEY, CHAT, GOOD_MESSAGES, INVALID_REQUESTS, assert_re
 from transformers import AutoTokenizer
 
 from zeda_core import load_model
-from zeda_server.engine import chat_prompt_ids
+from zeda_core.chat import chat_prompt_ids
 from zeda_server.launch import running_server
 from zeda_trainer.common.generation import generate
 from zeda_trainer.common.teacher import LocalTeacher, RemoteTeacher

@@ -15,6 +15,11 @@ FLAGS = {
     "--backend": (str, "torch (CPU or one GPU) or sglang (SGLang's engine: GPU hosts, TP/EP, or its CPU engine)"),
     "--device": (str, "torch device of the torch engine, e.g. cpu or cuda"),
     "--dtype": (str, "auto, float32, bfloat16 or float16"),
+    "--moe-backend": (
+        str,
+        "torch engine: what computes the experts: auto (the Triton kernel on CUDA, torch on CPU), torch, or "
+        "triton (CUDA, or TRITON_INTERPRET=1 on CPU); sglang runs its own fused MoE (auto only)",
+    ),
     "--host": (str, "interface to listen on"),
     "--port": (int, "port to listen on"),
     "--api-key": (str, "require this bearer key on inference routes"),
@@ -82,6 +87,11 @@ def run(args: argparse.Namespace) -> int:
         )
         raise ZedaError(f"invalid settings: {problems}") from exc
     if settings.backend == "sglang":
+        if settings.moe_backend != "auto":
+            raise ZedaError(
+                f"--moe-backend {settings.moe_backend} applies to the torch engine; "
+                "--backend sglang runs SGLang's own fused MoE (leave --moe-backend at auto)"
+            )
         if importlib.util.find_spec("sglang") is None:
             raise ZedaError("--backend sglang needs the sglang extra: pip install 'zeda[sglang]'")
         from zeda_server.sglang_engine import SglangEngine, parse_sglang_args
@@ -98,7 +108,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
         engine = TorchEngine(
-            settings.model, settings.device, dtype, settings.max_batch, settings.max_queue, settings.max_total_tokens
+            settings.model,
+            settings.device,
+            dtype,
+            settings.max_batch,
+            settings.max_queue,
+            settings.max_total_tokens,
+            moe_backend=settings.moe_backend,
         )
     lifecycle = Lifecycle()
     app = create_app(settings, engine, lifecycle)
@@ -111,8 +127,7 @@ def run(args: argparse.Namespace) -> int:
     # One JSON line per request (zeda_server.request_log) stands in for uvicorn's access log.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=False)
     server = DrainingServer(config, lifecycle, settings.shutdown_timeout, drained)
-    if settings.backend == "sglang":
-        engine.route_signals_to(server.handle_exit, lifecycle.fail)
+    engine.route_signals_to(server.handle_exit)  # the app already routes the engine's failure to the lifecycle
     print(
         f"zeda serve: {settings.model_name} ({engine.fingerprint}) on http://{settings.host}:{settings.port}"
         f"  dashboard: /dashboard  metrics: /metrics",

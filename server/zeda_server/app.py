@@ -4,7 +4,8 @@ Routes: ``/v1/chat/completions``, ``/v1/completions`` (streamed over SSE or not;
 log-probs with ``echo`` + ``max_tokens: 0`` for remote teachers), ``/v1/models``, ``/health``
 (liveness), ``/ready`` (readiness: false while loading or draining), ``/metrics`` (Prometheus)
 and ``/dashboard`` (a live page fed by ``/dashboard/stats``). While the server drains
-(:mod:`zeda_server.lifecycle`) new inference requests get 503 with ``Retry-After``.
+(:mod:`zeda_server.lifecycle`) new inference requests get 503 with ``Retry-After``; once the
+engine has stopped (it reports it to the lifecycle) they get 503 ``engine_unavailable``.
 Every response's ``usage.zeda`` holds the request's own expert FLOPs, and its
 ``system_fingerprint`` names the model version that produced it.
 
@@ -32,7 +33,7 @@ from sse_starlette import EventSourceResponse
 
 from zeda_server.candidates import CandidateRejected, Scope
 from zeda_server.capture import TrafficCapture
-from zeda_server.engine import EngineFailed, QueueFull, SamplingParams, StepOutput, TorchEngine
+from zeda_server.engine_api import Engine, EngineFailed, QueueFull, SamplingParams, StepOutput
 from zeda_server.errors import ApiError, error_response, install_error_handlers
 from zeda_server.lifecycle import Cancelled, Lifecycle
 from zeda_server.metrics import ServerMetrics
@@ -54,11 +55,12 @@ class CaptureToggle(BaseModel):
     enabled: bool
 
 
-def create_app(settings: ServerSettings, engine: TorchEngine, lifecycle: Lifecycle | None = None) -> FastAPI:
+def create_app(settings: ServerSettings, engine: Engine, lifecycle: Lifecycle | None = None) -> FastAPI:
     """The FastAPI app serving ``engine`` under ``settings`` (keys, limits, names).
 
-    ``lifecycle`` (readiness, requests in flight, drain) is shared with the server that runs the
-    app; without one the app makes its own, ready at once.
+    ``lifecycle`` (readiness, requests in flight, drain, engine failure) is shared with the server
+    that runs the app; without one the app makes its own, ready at once. The engine reports its
+    failure to it: the routes look only at the lifecycle to know the engine has stopped.
     """
     app = FastAPI(title="ZEDA", version="0.1.0")
     metrics = ServerMetrics()
@@ -67,6 +69,7 @@ def create_app(settings: ServerSettings, engine: TorchEngine, lifecycle: Lifecyc
     if lifecycle is None:
         lifecycle = Lifecycle()
         lifecycle.ready = True
+    engine.on_failure(lifecycle.fail)
     app.state.engine, app.state.metrics, app.state.settings, app.state.capture = engine, metrics, settings, capture
     app.state.lifecycle = lifecycle
     install_error_handlers(app)
@@ -142,14 +145,14 @@ def create_app(settings: ServerSettings, engine: TorchEngine, lifecycle: Lifecyc
     @app.get("/health")
     async def health() -> Response:
         """Liveness: 503 once the engine has stopped, which only a restart mends."""
-        failed = engine.failure is not None
+        failed = lifecycle.failure is not None
         body = {"status": "failed" if failed else "ok", "model": settings.model_name}
         body["system_fingerprint"] = engine.fingerprint
         return Response(json.dumps(body), 503 if failed else 200, media_type="application/json")
 
     @app.get("/ready")
     async def ready() -> Response:
-        failed = engine.failure is not None
+        failed = lifecycle.failure is not None
         state = "failed" if failed else "draining" if lifecycle.draining else "ready" if lifecycle.ready else "loading"
         body = {"ready": state == "ready", "state": state, "in_flight": lifecycle.in_flight}
         return Response(json.dumps(body), 200 if state == "ready" else 503, media_type="application/json")
@@ -165,8 +168,9 @@ def create_app(settings: ServerSettings, engine: TorchEngine, lifecycle: Lifecyc
         metrics.running.set(engine.running)
         metrics.loop_tasks.set(len(asyncio.all_tasks()))
         metrics.model.info({"fingerprint": engine.fingerprint, "name": settings.model_name})
-        if hasattr(engine, "forward_counts"):
-            metrics.record_forward_counts(engine.forward_counts())
+        counts = engine.forward_counts()
+        if counts is not None:
+            metrics.record_forward_counts(counts)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/dashboard", response_class=HTMLResponse)
@@ -207,7 +211,7 @@ def create_app(settings: ServerSettings, engine: TorchEngine, lifecycle: Lifecyc
         if body.max_tokens == 0:
             if not body.echo:
                 raise ApiError(400, "max_tokens must be > 0 unless echo is true", param="max_tokens")
-            return await _score(prompts, engine, metrics, settings)
+            return await _score(prompts, engine, metrics, lifecycle, settings)
         if body.stream and len(prompts) > 1:
             raise ApiError(400, "streaming takes a single prompt", param="prompt")
         handles = request.state.zeda_handles = []
@@ -229,7 +233,7 @@ def create_app(settings: ServerSettings, engine: TorchEngine, lifecycle: Lifecyc
             if body.logprobs is not None:
                 choice["logprobs"] = {"tokens": handle.tokens_text(), "token_logprobs": handle.logprobs}
             choices.append(choice)
-        usage = _sum_usage([h.usage() for h in handles])
+        usage = _usage_of(handles)
         return _envelope(handles[0], "text_completion", settings) | {"choices": choices, "usage": usage}
 
     app.add_middleware(RequestLog)  # outermost: every answer, 4xx and 503 included, gets its id and log line
@@ -245,7 +249,7 @@ class _Handle:
 
     def __init__(
         self,
-        engine: TorchEngine,
+        engine: Engine,
         metrics: ServerMetrics,
         lifecycle: Lifecycle,
         endpoint: str,
@@ -296,7 +300,9 @@ class _Handle:
         raise _refusal(self.metrics, self.endpoint, self._cancelled) from self._cancelled
 
     async def start(self) -> None:
-        """Queue the request; a full engine answers 429 before any response starts."""
+        """Queue the request; a full engine answers 429 and a stopped one 503 before any response starts."""
+        if self.lifecycle.failure is not None:
+            raise _engine_unavailable(self.metrics, self.endpoint, self.lifecycle.failure)
         self.lifecycle.admit(self, self.cancel)
         if self.timeout is not None:
             why = Cancelled(f"the request ran past its deadline of {self.timeout:g} s", 504, "request_timeout")
@@ -332,8 +338,8 @@ class _Handle:
             self.logprobs += output.logprobs
             self.text_parts.append(output.text)
             if output.finish_reason == "error":
-                if self.engine.failure is not None:
-                    raise _engine_unavailable(self.metrics, self.endpoint, self.engine.failure)
+                if self.lifecycle.failure is not None:
+                    raise _engine_unavailable(self.metrics, self.endpoint, self.lifecycle.failure)
                 self.metrics.record_error(self.endpoint, 500)
                 raise ApiError(500, f"generation failed: {output.error}", code="engine_error")
             if output.finish_reason is not None:
@@ -359,8 +365,7 @@ class _Handle:
         return "".join(self.text_parts), finish
 
     def usage(self) -> dict[str, Any]:
-        final = self.final
-        return usage_body(final.prompt_tokens, final.completion_tokens, final.report)
+        return _usage_of([self])
 
     def tokens_text(self) -> list[str]:
         return [self.engine.tokenizer.decode([t]) for t in self.token_ids]
@@ -407,7 +412,7 @@ def _check_model(body: SamplingFields, settings: ServerSettings) -> None:
 
 
 def _sampling(
-    body: SamplingFields, max_tokens: int | None, prompt_len: int, engine: TorchEngine, settings: ServerSettings
+    body: SamplingFields, max_tokens: int | None, prompt_len: int, engine: Engine, settings: ServerSettings
 ) -> SamplingParams:
     """Sampling parameters after the context-window and ``max_tokens`` cap checks."""
     room = engine.context_length - prompt_len
@@ -439,7 +444,7 @@ def _sampling(
     return SamplingParams(limit, body.temperature, body.top_p, body.seed, body.stop_list())
 
 
-def _completion_prompts(body: CompletionRequest, engine: TorchEngine) -> list[list[int]]:
+def _completion_prompts(body: CompletionRequest, engine: Engine) -> list[list[int]]:
     """The prompt(s) of a completions request as token-id lists (text is tokenized with BOS)."""
     prompt = body.prompt
     if isinstance(prompt, str):
@@ -458,9 +463,11 @@ def _completion_prompts(body: CompletionRequest, engine: TorchEngine) -> list[li
 
 
 async def _score(
-    prompts: list[list[int]], engine: TorchEngine, metrics: ServerMetrics, settings: ServerSettings
+    prompts: list[list[int]], engine: Engine, metrics: ServerMetrics, lifecycle: Lifecycle, settings: ServerSettings
 ) -> dict[str, Any]:
     """``echo`` + ``max_tokens: 0``: the log-prob of every prompt token after the first."""
+    if lifecycle.failure is not None:
+        raise _engine_unavailable(metrics, "completions", lifecycle.failure)
     for ids in prompts:
         if len(ids) > engine.context_length:
             message = f"a prompt is {len(ids)} tokens; the context window is {engine.context_length}"
@@ -502,15 +509,11 @@ def _response_envelope(
     }
 
 
-def _sum_usage(usages: list[dict[str, Any]]) -> dict[str, Any]:
-    if len(usages) == 1:
-        return usages[0]
-    total = {key: sum(u[key] for u in usages) for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
-    keys = ("expert_flops", "expert_flops_saved", "dense_expert_flops")
-    zeda = {key: sum(u["zeda"][key] for u in usages) for key in keys}
-    dense = zeda["dense_expert_flops"]
-    zeda["zero_expert_ratio"] = zeda["expert_flops_saved"] / dense if dense else 0.0
-    return total | {"zeda": zeda}
+def _usage_of(handles: list[_Handle]) -> dict[str, Any]:
+    """The ``usage`` of finished requests together: token counts and FLOP reports summed."""
+    finals = [handle.final for handle in handles]
+    prompt_tokens, completion_tokens = sum(f.prompt_tokens for f in finals), sum(f.completion_tokens for f in finals)
+    return usage_body(prompt_tokens, completion_tokens, sum(f.report for f in finals))
 
 
 async def _chat_events(

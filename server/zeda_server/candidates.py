@@ -93,7 +93,7 @@ def prepare_version(current: ModelVersion, candidate: str | Path, scope: Scope, 
     source_fp = checkpoint_fingerprint(resolve_checkpoint(candidate))
     if scope == "router":
         source_fp = router_fingerprint(current.fingerprint, source_fp)
-    return ModelVersion(fresh, source_fp, str(candidate), scope)
+    return ModelVersion(source_fp, str(candidate), scope, model=fresh)
 
 
 @torch.inference_mode()

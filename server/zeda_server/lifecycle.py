@@ -5,6 +5,9 @@ it drains: new inference requests get 503 with ``Retry-After``, ``/ready`` turns
 admitted request (streams included) may finish within ``shutdown_timeout`` seconds; what is still
 running then is cancelled and ends with an error chunk or a 503. Then uvicorn exits (code 0). A
 second signal exits at once.
+
+The engine reports its own stop here (:meth:`Lifecycle.fail`, the engine's failure callback): the
+server is then failed, for good, and every request in flight ends with 503 ``engine_unavailable``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from types import FrameType
 import uvicorn
 
 CANCEL_GRACE_S = 5.0  # after the drain timeout: how long cancelled requests get to send their error
+
 
 class Cancelled(Exception):
     """A request the server ended before it finished: the drain timed out, or its deadline passed.
@@ -36,11 +40,19 @@ class Cancelled(Exception):
 
 
 class Lifecycle:
-    """Readiness and the set of requests in flight, for one event loop."""
+    """Readiness, engine failure and the set of requests in flight, for one event loop.
+
+    Attributes:
+        ready: the model is loaded (and the server not draining).
+        draining: the server is shutting down.
+        failure: why the engine stopped, once it has (None while it serves).
+    """
 
     def __init__(self) -> None:
         self.ready = False
         self.draining = False
+        self.failure: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop requests are admitted on
         self._in_flight: dict[object, Callable[[Cancelled], None]] = {}
         self._idle = asyncio.Event()
         self._idle.set()
@@ -50,7 +62,8 @@ class Lifecycle:
         return len(self._in_flight)
 
     def admit(self, key: object, cancel: Callable[[Cancelled], None]) -> None:
-        """Count a request in flight until :meth:`release`; ``cancel(why)`` ends it early."""
+        """Count a request in flight until :meth:`release`; ``cancel(why)`` ends it early (on the event loop)."""
+        self._loop = asyncio.get_running_loop()
         self._in_flight[key] = cancel
         self._idle.clear()
 
@@ -60,8 +73,24 @@ class Lifecycle:
             self._idle.set()
 
     def fail(self, reason: str) -> None:
-        """The engine stopped: end every request in flight with 503 ``engine_unavailable``."""
-        why = Cancelled.engine_stopped(reason)
+        """The engine stopped (callable from any thread): fail the server and end every request in flight with 503.
+
+        ``failure`` is set before this returns; the requests are cancelled on the event loop.
+        """
+        self.failure = reason
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:  # no loop in this thread: an engine thread
+            on_loop = False
+        if on_loop:
+            self._cancel_all(Cancelled.engine_stopped(reason))
+        else:
+            loop.call_soon_threadsafe(self._cancel_all, Cancelled.engine_stopped(reason))
+
+    def _cancel_all(self, why: Cancelled) -> None:
         for cancel in list(self._in_flight.values()):
             cancel(why)
 

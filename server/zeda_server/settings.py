@@ -22,6 +22,7 @@ class ServerSettings(BaseSettings):
     backend: Literal["torch", "sglang"] = "torch"
     device: str = "cpu"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    moe_backend: Literal["auto", "torch", "triton"] = "auto"
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     api_key: SecretStr | None = None

@@ -1,4 +1,4 @@
-"""SGLang backend of ``zeda serve``: ``sglang.Engine`` behind the torch engine's interface.
+"""SGLang backend of ``zeda serve``: ``sglang.Engine`` behind the :class:`~zeda_server.engine_api.Engine` contract.
 
 The model runs in SGLang's engine with ZEDA's model classes (``zeda_server.sglang_models``,
 registered through the ``sglang.srt.plugins`` entry point in every SGLang process) and the
@@ -18,6 +18,9 @@ smoke generation and, when that fails, the restore. Each request holds it shared
 its last chunk, so running requests finish on the old weights, requests that arrive meanwhile wait
 and run on the new ones, and no request changes version mid-stream. The candidate passes the torch
 engine's file checks first.
+
+A dead SGLang subprocess (SGLang's watchdog sends SIGQUIT) is reported through
+:meth:`SglangEngine.on_failure`, as the torch engine reports a dead engine thread.
 """
 
 from __future__ import annotations
@@ -26,27 +29,27 @@ import asyncio
 import json
 import signal
 import tempfile
-import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
+from zeda_core.chat import chat_prompt_ids
 from zeda_core.checkpoint import read_state, resolve_checkpoint
 from zeda_core.errors import ZedaError
 from zeda_core.flops import FlopModel, FlopReport, expert_slot_flops, flop_report
 from zeda_server.candidates import SMOKE_PROMPT, CandidateRejected, Scope, candidate_weights
-from zeda_server.engine import EngineFailed, QueueFull, SamplingParams, StepOutput, chat_prompt_ids
+from zeda_server.engine_api import EngineFailed, QueueFull, SamplingParams, StepOutput
 from zeda_server.sglang_env import SglangPlatform, prepare_sglang_environment
 from zeda_server.sglang_models.forward_counter import ForwardCounts, create_counter_file, read_forward_counts
 from zeda_server.sglang_models.plugin import register_configs
 from zeda_server.sglang_models.zero_slots import routed_slot_counts, served_routing_spec
 from zeda_server.text_stream import TextStream
-from zeda_server.versions import checkpoint_fingerprint, router_fingerprint
+from zeda_server.versions import VersionInfo, checkpoint_fingerprint, describe_versions, router_fingerprint
 
 CPU_KV_TOKENS_CAP = 65_536
 
@@ -142,23 +145,16 @@ def engine_arguments(
     return args | extra
 
 
-@dataclass
-class _ServedVersion:
-    """What SGLang holds: a checkpoint's weights, optionally with another checkpoint's router rows."""
+@dataclass(kw_only=True)
+class _ServedVersion(VersionInfo):
+    """What SGLang holds: the weights of checkpoint ``base``, optionally with another checkpoint's ``router`` rows."""
 
     base: Path
-    fingerprint: str
-    source: str
-    scope: str = "all"
     router: dict[str, torch.Tensor] | None = None
-    loaded_at: float = field(default_factory=time.time)
-
-    def describe(self) -> dict[str, object]:
-        return {key: getattr(self, key) for key in ("fingerprint", "source", "scope", "loaded_at")}
 
 
 class SglangEngine:
-    """``sglang.Engine`` behind the torch engine's interface (``submit``, ``score``, ``swap_checkpoint``).
+    """``sglang.Engine`` behind the :class:`~zeda_server.engine_api.Engine` contract.
 
     Args:
         model_path: local directory or hub id (a ZEDA, reference-format or plain Qwen3-MoE /
@@ -173,6 +169,10 @@ class SglangEngine:
     Raises:
         ZedaError: an unservable checkpoint or configuration, or SGLang failed to start.
     """
+
+    tokenizer: PreTrainedTokenizerBase
+    context_length: int
+    max_total_tokens: int | None
 
     def __init__(
         self,
@@ -198,12 +198,14 @@ class SglangEngine:
         self.flop_model = flop_model_of(config)
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         self.context_length = int(config.max_position_embeddings)
-        self.current = _ServedVersion(checkpoint, checkpoint_fingerprint(checkpoint), str(checkpoint))
+        self.current = _ServedVersion(checkpoint_fingerprint(checkpoint), str(checkpoint), base=checkpoint)
         self.previous: _ServedVersion | None = None
         self.max_queue = max_queue
         self._in_flight = 0
         self._version_lock = RWLock()
-        self.failure: str | None = None  # set when an SGLang subprocess dies (see route_signals_to)
+        self._failure: str | None = None  # set when an SGLang subprocess dies
+        self._on_failure: Callable[[str], None] | None = None
+        self._on_sigterm: Callable[[int, FrameType | None], None] | None = None
         args = engine_arguments(
             self.platform, dtype, max_batch, self.context_length, max_total_tokens, tp_size, sglang_args or {}
         )
@@ -214,6 +216,7 @@ class SglangEngine:
             raise ZedaError(f"invalid SGLang engine argument: {exc}") from exc
         except Exception as exc:
             raise ZedaError(f"SGLang failed to start on {checkpoint}: {type(exc).__name__}: {exc}") from exc
+        self._hand_on_signals()
 
     @property
     def fingerprint(self) -> str:
@@ -227,30 +230,45 @@ class SglangEngine:
     def running(self) -> int:
         return self._in_flight
 
-    def route_signals_to(
-        self, on_sigterm: Callable[[int, FrameType | None], None], on_failure: Callable[[str], None]
-    ) -> None:
-        """Hand SIGTERM to ``on_sigterm`` (``zeda serve``'s drain) and a dead SGLang subprocess to ``on_failure``.
+    def route_signals_to(self, on_sigterm: Callable[[int, FrameType | None], None]) -> None:
+        """Hand SIGTERM to ``on_sigterm`` (``zeda serve``'s drain) instead of SGLang's own drain."""
+        self._on_sigterm = on_sigterm
+
+    def on_failure(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(reason)`` (on the event loop) when an SGLang subprocess dies; at once if one has."""
+        self._on_failure = callback
+        if self._failure is not None:
+            callback(self._failure)
+
+    def _hand_on_signals(self) -> None:
+        """Swap SGLang's signal handler class for one that hands SIGTERM and a dead subprocess on.
 
         SGLang's tokenizer manager claims SIGTERM and SIGQUIT on its event loop at the first
         request: on SIGTERM it runs its own drain, and on the SIGQUIT its watchdog sends when a
         subprocess dies it kills the whole process tree, so waiting requests see their
-        connection reset. Its handler class is swapped for one that hands both on: the engine
-        is then marked failed (``failure``) and ``on_failure`` answers what it held with 503.
+        connection reset. Instead, SIGTERM goes to :meth:`route_signals_to`'s handler (when one
+        is set), and a dead subprocess marks the engine failed and goes to :meth:`on_failure`'s
+        callback, which answers what the server held with 503.
         """
         manager, engine = self.engine.tokenizer_manager, self
 
         class HandOnSignals(manager.signal_handler_class):
             def sigterm_handler(self, signum=None, frame=None) -> None:
-                on_sigterm(signal.SIGTERM, frame)
+                if engine._on_sigterm is None:
+                    return super().sigterm_handler(signum, frame)
+                engine._on_sigterm(signal.SIGTERM, frame)
 
             def running_phase_sigquit_handler(self, signum=None, frame=None) -> None:
                 if self.tokenizer_manager._subprocess_watchdog is not None:
                     self.tokenizer_manager._subprocess_watchdog.stop()
-                engine.failure = "an SGLang subprocess died"
-                on_failure(engine.failure)
+                engine._fail("an SGLang subprocess died")
 
         manager.signal_handler_class = HandOnSignals
+
+    def _fail(self, reason: str) -> None:
+        self._failure = reason
+        if self._on_failure is not None:
+            self._on_failure(reason)
 
     def forward_counts(self) -> ForwardCounts:
         """Slots the CPU MoE forward computed and skipped, and seconds in MoE blocks and model forwards,
@@ -262,8 +280,8 @@ class SglangEngine:
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StepOutput]:
         """Stream one request's outputs, all from one served version; closing the iterator aborts it."""
-        if self.failure is not None:
-            raise EngineFailed(self.failure)
+        if self._failure is not None:
+            raise EngineFailed(self._failure)
         if self._in_flight >= self.max_queue:
             raise QueueFull(f"{self.max_queue} requests in flight")
         self._in_flight += 1
@@ -315,14 +333,12 @@ class SglangEngine:
 
     async def score(self, sequences: list[list[int]]) -> tuple[list[list[float]], FlopReport, str]:
         """Log-probs of tokens 1..n-1 of each sequence, the FLOPs spent, the fingerprint."""
-        if self.failure is not None:
-            raise EngineFailed(self.failure)
+        if self._failure is not None:
+            raise EngineFailed(self._failure)
         async with self._version_lock.reader_lock:
             return await self._score(sequences, self.fingerprint)
 
-    async def _score(
-        self, sequences: list[list[int]], fingerprint: str
-    ) -> tuple[list[list[float]], FlopReport, str]:
+    async def _score(self, sequences: list[list[int]], fingerprint: str) -> tuple[list[list[float]], FlopReport, str]:
         """:meth:`score` without the version lock (the smoke test runs under the writer lock)."""
         results = await self.engine.async_generate(
             input_ids=[list(s) for s in sequences],
@@ -331,16 +347,16 @@ class SglangEngine:
             logprob_start_len=0,
             return_routed_experts=True,
         )
-        scores, total = [], torch.zeros(self.flop_model.moe_layers, 2, dtype=torch.long)
+        scores, reports = [], []
         for sequence, result in zip(sequences, results, strict=True):
             values = [entry[0] for entry in result["meta_info"]["input_token_logprobs"]][1 : len(sequence)]
             scores.append([float(v) for v in values])
-            total += slot_counts_from_meta(result["meta_info"], self.layout, self.spec.num_experts)
-        return scores, report_of(total, self.flop_model), fingerprint
+            counts = slot_counts_from_meta(result["meta_info"], self.layout, self.spec.num_experts)
+            reports.append(report_of(counts, self.flop_model))
+        return scores, sum(reports), fingerprint
 
-    def versions(self) -> dict[str, Any]:
-        previous = self.previous.describe() if self.previous else None
-        return {"current": self.current.describe(), "previous": previous}
+    def versions(self) -> dict[str, object]:
+        return describe_versions(self.current, self.previous)
 
     async def swap_checkpoint(self, checkpoint: str, scope: Scope) -> dict[str, Any]:
         """Validate ``checkpoint`` and load its router rows or all its weights into the running engine.
@@ -353,10 +369,10 @@ class SglangEngine:
         weights = await asyncio.to_thread(candidate_weights, checkpoint, self.spec, served, scope)
         path = resolve_checkpoint(checkpoint)
         if scope == "all":
-            version = _ServedVersion(path, checkpoint_fingerprint(path), str(checkpoint))
+            version = _ServedVersion(checkpoint_fingerprint(path), str(checkpoint), base=path)
         else:
             fingerprint = router_fingerprint(self.current.fingerprint, checkpoint_fingerprint(path))
-            version = _ServedVersion(self.current.base, fingerprint, str(checkpoint), "router", weights)
+            version = _ServedVersion(fingerprint, str(checkpoint), "router", base=self.current.base, router=weights)
         await self._install(version)
         return version.describe()
 

@@ -1,7 +1,12 @@
-"""Model versions of a running server: what a hot-swap installs and ``system_fingerprint`` names."""
+"""Model versions of a running server: what a hot-swap installs and ``system_fingerprint`` names.
+
+:class:`VersionInfo` (and its :meth:`~VersionInfo.describe`) is what both engines report about a
+version; each engine's version type extends it with what it holds (a model, or SGLang's weights).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -11,25 +16,36 @@ import torch
 
 
 @dataclass
-class ModelVersion:
-    """One servable set of weights.
+class VersionInfo:
+    """One servable set of weights, as the admin API describes it.
 
     Attributes:
-        model: the HF causal LM, in eval mode on the engine's device.
         fingerprint: ``system_fingerprint`` of responses it produces.
         source: where its weights came from (a checkpoint path), and ``scope`` (``all`` or
             ``router``: only the router rows were taken from ``source``).
-        loaded_at: unix seconds when it was swapped in.
+        loaded_at: unix seconds when it was made.
     """
 
-    model: torch.nn.Module
     fingerprint: str
     source: str
     scope: str = "all"
     loaded_at: float = field(default_factory=time.time)
 
     def describe(self) -> dict[str, object]:
-        return {key: getattr(self, key) for key in ("fingerprint", "source", "scope", "loaded_at")}
+        """The admin API's description: fingerprint, source, scope, loaded_at."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(VersionInfo)}
+
+
+@dataclass(kw_only=True)
+class ModelVersion(VersionInfo):
+    """A version of the torch engine; ``model`` is the HF causal LM, in eval mode on the engine's device."""
+
+    model: torch.nn.Module
+
+
+def describe_versions(current: VersionInfo, previous: VersionInfo | None) -> dict[str, object]:
+    """The version new requests start on, and the one a rollback returns to (None before any swap)."""
+    return {"current": current.describe(), "previous": previous.describe() if previous else None}
 
 
 def checkpoint_fingerprint(checkpoint: Path) -> str:
