@@ -68,9 +68,7 @@ def candidates(small_student: Path, small_teacher: Path, tmp_path_factory) -> di
     }
 
 
-@pytest.fixture(
-    scope="module", params=["torch", pytest.param("sglang", marks=[*sglang_marks(), pytest.mark.slow])]
-)
+@pytest.fixture(scope="module", params=["torch", pytest.param("sglang", marks=[*sglang_marks(), pytest.mark.slow])])
 def backend(request) -> str:
     return request.param
 

@@ -4,7 +4,6 @@ import dataclasses
 
 import pytest
 import torch
-from family_checks import tiny_model
 
 from zeda_core.convert import inject_zero_experts
 from zeda_core.errors import ZedaError
@@ -12,6 +11,8 @@ from zeda_core.families import FAMILIES
 from zeda_core.flops import FlopModel, flop_report
 from zeda_core.model_queries import model_spec, moe_blocks, spec_from_config
 from zeda_core.spec import ZERO_LOGIT_BIAS_KEY, write_num_zero_experts
+
+from family_checks import tiny_model
 
 
 def test_moe_blocks_are_the_zero_aware_blocks_in_layer_order() -> None:

@@ -55,9 +55,7 @@ def per_expert_weights(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[
             yield name, tensor
 
 
-def checkpoint_weights(
-    weights: Iterable[tuple[str, torch.Tensor]], tied: bool
-) -> Iterator[tuple[str, torch.Tensor]]:
+def checkpoint_weights(weights: Iterable[tuple[str, torch.Tensor]], tied: bool) -> Iterator[tuple[str, torch.Tensor]]:
     """What the upstream loader should see: per-expert names, and no ``lm_head`` when it is tied."""
     for name, tensor in per_expert_weights(weights):
         if not (tied and name == TIED_HEAD):
