@@ -223,7 +223,7 @@ async def _open_and_drop_streams(url: str, count: int) -> int:
 
 
 def test_200_dropped_streams_leave_no_rows_tasks_or_descriptors(small_student: Path) -> None:
-    flags = ("--max-batch", "32", "--max-queue", "256")
+    flags = ("--max-batch", "256", "--max-queue", "512")  # all 200 decode at once: each round is one wave
     with server_process(small_student, *flags) as (url, process, _log):
 
         def drop_streams_and_settle() -> dict[str, float]:

@@ -25,6 +25,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from zeda_core.losses import GlobalBatch
 from zeda_trainer.common.checkpointing import load_latest_checkpoint, save_checkpoint
 from zeda_trainer.common.metrics import MetricsLog
+from zeda_trainer.data.packing import global_batch_rows
 
 StepLoss = Callable[[torch.nn.Module, int, Accelerator], tuple[torch.Tensor, dict[str, float]]]
 
@@ -64,6 +65,16 @@ def global_batch_of(accelerator: Accelerator) -> GlobalBatch:
     averages the gradients over its processes, each of which holds a share of the batch.
     """
     return GlobalBatch(accelerator.num_processes)
+
+
+def process_rows(accelerator: Accelerator, step: int, batch_size: int, num_rows: int, seed: int) -> torch.Tensor:
+    """This process's share of step ``step``'s global batch of ``batch_size`` row indices (of ``num_rows``).
+
+    Every process takes every ``num_processes``-th row of the same global batch, from its own rank on,
+    so together they cover it once (:func:`~zeda_trainer.data.packing.global_batch_rows`).
+    """
+    rows = global_batch_rows(step, batch_size, num_rows, seed)
+    return rows[accelerator.process_index :: accelerator.num_processes]
 
 
 def run_training(

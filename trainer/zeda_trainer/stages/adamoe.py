@@ -21,9 +21,9 @@ from zeda_core.checkpoint import load_model, resolve_checkpoint
 from zeda_core.convert import inject_zero_experts
 from zeda_core.losses import causal_lm_loss, load_balance_loss
 from zeda_core.recording import record_routing
-from zeda_trainer.common.loop import OptimConfig, global_batch_of, make_accelerator, run_training
+from zeda_trainer.common.loop import OptimConfig, global_batch_of, make_accelerator, process_rows, run_training
 from zeda_trainer.common.metrics import save_trained_model
-from zeda_trainer.data.packing import global_batch_rows, pack_blocks, pretraining_documents
+from zeda_trainer.data.packing import pack_blocks, pretraining_documents
 
 
 class AdaMoeConfig(BaseModel):
@@ -57,12 +57,10 @@ def train_adamoe(config: AdaMoeConfig, resume: bool = False) -> Path:
     source = resolve_checkpoint(config.teacher)
     tokenizer = AutoTokenizer.from_pretrained(source)
     blocks = pack_blocks(tokenizer, pretraining_documents(config.data_dir), config.block_size, config.seed)
-    rank, world = accelerator.process_index, accelerator.num_processes
     global_batch = global_batch_of(accelerator)
 
     def step_loss(model: torch.nn.Module, step: int, acc: Accelerator) -> tuple[torch.Tensor, dict[str, float]]:
-        rows = global_batch_rows(step, config.batch_size, blocks.shape[0], config.seed)[rank::world]
-        batch = blocks[rows].to(acc.device)
+        batch = blocks[process_rows(acc, step, config.batch_size, blocks.shape[0], config.seed)].to(acc.device)
         with record_routing(keep_probs=True) as recorder:
             lm = causal_lm_loss(model(input_ids=batch).logits, batch, global_batch)
         balance = load_balance_loss(recorder, global_batch)

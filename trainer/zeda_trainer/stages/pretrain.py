@@ -15,10 +15,10 @@ from pydantic import BaseModel, ConfigDict
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from zeda_core.losses import causal_lm_loss
-from zeda_trainer.common.loop import OptimConfig, global_batch_of, make_accelerator, run_training
+from zeda_trainer.common.loop import OptimConfig, global_batch_of, make_accelerator, process_rows, run_training
 from zeda_trainer.common.metrics import MetricsLog, save_trained_model
 from zeda_trainer.data.build import build_dataset
-from zeda_trainer.data.packing import global_batch_rows, pack_blocks, pretraining_documents, read_jsonl
+from zeda_trainer.data.packing import pack_blocks, pretraining_documents, read_jsonl
 from zeda_trainer.data.tokenizer import chat_text, train_tokenizer
 
 
@@ -96,12 +96,10 @@ def pretrain(config: PretrainConfig, resume: bool = False) -> Path:
     accelerator.wait_for_everyone()
     tokenizer = prepare_tokenizer(config)
     blocks = pack_blocks(tokenizer, pretraining_documents(config.data_dir), config.block_size, config.seed)
-    rank, world = accelerator.process_index, accelerator.num_processes
     global_batch = global_batch_of(accelerator)
 
     def step_loss(model: torch.nn.Module, step: int, acc: Accelerator) -> tuple[torch.Tensor, dict[str, float]]:
-        rows = global_batch_rows(step, config.batch_size, blocks.shape[0], config.seed)[rank::world]
-        batch = blocks[rows].to(acc.device)
+        batch = blocks[process_rows(acc, step, config.batch_size, blocks.shape[0], config.seed)].to(acc.device)
         epoch = (step + 1) * config.batch_size / blocks.shape[0]
         output = model(input_ids=batch)
         # The next-token NLL over the global batch; HF's router aux loss is a per-process statistic.

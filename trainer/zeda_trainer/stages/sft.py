@@ -38,10 +38,10 @@ from zeda_core.model_queries import moe_blocks
 from zeda_core.moe_backends import set_moe_backend
 from zeda_core.recording import record_routing
 from zeda_trainer.common.group_loss import GroupLossConfig
-from zeda_trainer.common.loop import OptimConfig, global_batch_of, make_accelerator, run_training
+from zeda_trainer.common.loop import OptimConfig, global_batch_of, make_accelerator, process_rows, run_training
 from zeda_trainer.common.metrics import MetricsLog, save_trained_model
 from zeda_trainer.common.prompts import load_prompts
-from zeda_trainer.data.packing import global_batch_rows, pack_blocks, read_user_jsonl
+from zeda_trainer.data.packing import pack_blocks, read_user_jsonl
 from zeda_trainer.stages.rollouts import RolloutConfig, cached_rollouts, teacher_rollouts
 
 
@@ -310,14 +310,13 @@ def train_sft(config: SftConfig, resume: bool = False) -> Path:
     set_moe_backend(student, config.moe_backend, device=accelerator.device)
     distils = config.kl_weight > 0 or config.hidden_weight > 0
     teacher = load_model(config.teacher).to(accelerator.device) if distils else None
-    rank, world = accelerator.process_index, accelerator.num_processes
     global_batch = global_batch_of(accelerator)
 
     def step_loss(model: torch.nn.Module, step: int, acc: Accelerator) -> tuple[torch.Tensor, dict[str, float]]:
-        rows = global_batch_rows(step, config.batch_size, len(records), config.seed)[rank::world].tolist()
+        rows = process_rows(acc, step, config.batch_size, len(records), config.seed).tolist()
         chosen = [records[i] for i in rows]
         if text_blocks is not None:
-            text_rows = global_batch_rows(step, config.text.rows, len(text_blocks), config.seed + 1)[rank::world]
+            text_rows = process_rows(acc, step, config.text.rows, len(text_blocks), config.seed + 1)
             chosen += [{"prompt_ids": [], "completion_ids": text_blocks[i].tolist()} for i in text_rows.tolist()]
         batch = collate(chosen, tokenizer.pad_token_id, acc.device)
         if text_blocks is not None and not config.text.in_group_loss:
