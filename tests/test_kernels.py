@@ -243,7 +243,7 @@ def test_triton_backend_trains() -> None:
     ids, weights, zero = ids.to(DEVICE), weights.to(DEVICE), zero.to(DEVICE)
     gate_up.requires_grad_(True)
     layer = SimpleNamespace(gate_up_proj=gate_up, down_proj=down, act_fn=F.silu)
-    out = triton_experts(hidden, Routing(ids, weights, zero, probs=torch.empty(0)), layer)
+    out = triton_experts(hidden_states=hidden, routing=Routing(ids, weights, zero, probs=torch.empty(0)), experts=layer)
     out.sum().backward()
     assert gate_up.grad is not None and gate_up.grad.abs().sum() > 0
     reference = gate_up.detach().clone().requires_grad_(True)

@@ -39,7 +39,7 @@ def run(backend, inputs: dict[str, torch.Tensor], act_fn=F.silu) -> torch.Tensor
     """``backend`` on the raw tensors of :func:`experts_inputs`, called as a MoE layer calls it."""
     routing = Routing(inputs["topk_ids"], inputs["topk_weights"], inputs["zero_mask"], probs=torch.empty(0))
     experts = SimpleNamespace(gate_up_proj=inputs["gate_up_proj"], down_proj=inputs["down_proj"], act_fn=act_fn)
-    return backend(inputs["hidden_states"], routing, experts)
+    return backend(hidden_states=inputs["hidden_states"], routing=routing, experts=experts)
 
 
 def test_names_resolve_and_unknown_names_are_refused() -> None:
@@ -103,9 +103,9 @@ class Spy:
     def check(self, device: torch.device, act_fn) -> None:
         pass
 
-    def __call__(self, hidden_states: torch.Tensor, routing: Routing, experts) -> torch.Tensor:
+    def __call__(self, *, hidden_states: torch.Tensor, routing: Routing, experts) -> torch.Tensor:
         self.calls += 1
-        return moe_backend("torch")(hidden_states, routing, experts)
+        return moe_backend("torch")(hidden_states=hidden_states, routing=routing, experts=experts)
 
 
 def test_auto_runs_torch_on_cpu(monkeypatch) -> None:

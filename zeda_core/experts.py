@@ -89,8 +89,8 @@ class MoeExpertsBackend(Protocol):
     def check(self, device: torch.device, act_fn: ActFn) -> None:
         """Raise :class:`~zeda_core.errors.ZedaError` where experts with ``act_fn`` on ``device`` cannot run."""
 
-    def __call__(self, hidden_states: torch.Tensor, routing: Routing, experts: nn.Module) -> torch.Tensor:
-        """The routed experts' output of T tokens.
+    def __call__(self, *, hidden_states: torch.Tensor, routing: Routing, experts: nn.Module) -> torch.Tensor:
+        """The routed experts' output of T tokens (keyword arguments only).
 
         Args:
             hidden_states: [T, H] activations.
@@ -111,7 +111,7 @@ class TorchExperts:
     def check(self, device: torch.device, act_fn: ActFn) -> None:
         """Runs everywhere."""
 
-    def __call__(self, hidden_states: torch.Tensor, routing: Routing, experts: nn.Module) -> torch.Tensor:
+    def __call__(self, *, hidden_states: torch.Tensor, routing: Routing, experts: nn.Module) -> torch.Tensor:
         """[T, H] -> [T, H], see :class:`MoeExpertsBackend`."""
         return grouped_experts_forward(
             hidden_states,

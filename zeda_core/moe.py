@@ -100,7 +100,7 @@ class ZeroExpertMoeBlock(nn.Module):
         routing = self.gate(flat, forced_ids=forced)
         if recorder is not None:
             recorder.add(self.layer_idx, routing, batch, seq)
-        out = self.experts_backend(flat, routing, self.experts)
+        out = self.experts_backend(hidden_states=flat, routing=routing, experts=self.experts)
         if self.shared_name is not None:
             shared_out = getattr(self, self.shared_name)(flat)
             if hasattr(self, "shared_expert_gate"):

@@ -33,10 +33,12 @@ class AutoExperts:
     def check(self, device: torch.device, act_fn: ActFn) -> None:
         """Runs everywhere (it falls back to ``torch``)."""
 
-    def __call__(self, hidden_states: torch.Tensor, routing: Routing, experts: nn.Module) -> torch.Tensor:
+    def __call__(self, *, hidden_states: torch.Tensor, routing: Routing, experts: nn.Module) -> torch.Tensor:
         """[T, H] -> [T, H], see :class:`~zeda_core.experts.MoeExpertsBackend`."""
         triton = hidden_states.is_cuda and is_silu(experts.act_fn)
-        return (moe_backend("triton") if triton else torch_experts)(hidden_states, routing, experts)
+        return (moe_backend("triton") if triton else torch_experts)(
+            hidden_states=hidden_states, routing=routing, experts=experts
+        )
 
 
 MOE_BACKENDS: dict[str, MoeExpertsBackend | str] = {

@@ -39,7 +39,7 @@ class TritonExperts:
                 "use 'auto' or 'torch'"
             )
 
-    def __call__(self, hidden_states: torch.Tensor, routing: Routing, experts: nn.Module) -> torch.Tensor:
+    def __call__(self, *, hidden_states: torch.Tensor, routing: Routing, experts: nn.Module) -> torch.Tensor:
         """[T, H] -> [T, H], see :class:`~zeda_core.experts.MoeExpertsBackend` (checked first)."""
         self.check(hidden_states.device, experts.act_fn)
         return zero_aware_moe(
