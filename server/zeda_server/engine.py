@@ -38,7 +38,7 @@ from zeda_core.runner import Forward, ModelRunner
 from zeda_core.sampling import sample_next_tokens
 from zeda_core.scoring import score_sequences
 from zeda_server.candidates import Scope, prepare_version
-from zeda_server.engine_api import EngineFailed, QueueFull, SamplingParams, StepOutput
+from zeda_server.engine_api import EngineFailed, FailureReport, QueueFull, SamplingParams, StepOutput
 from zeda_server.scheduler import Lane, Scheduler
 from zeda_server.sequence import Request
 from zeda_server.text_stream import TextStream
@@ -100,8 +100,7 @@ class TorchEngine:
         self._swaps: collections.deque[_SwapJob] = collections.deque()
         self._wake = threading.Condition()
         self._stopping = False
-        self._failure: str | None = None  # why the engine thread stopped, once it has
-        self._on_failure: Callable[[str], None] | None = None
+        self._failure = FailureReport()
         self._admitted: list[Request] = []
         self._thread = threading.Thread(target=self._loop, name="zeda-engine", daemon=True)
         self._thread.start()
@@ -135,10 +134,7 @@ class TorchEngine:
 
     def on_failure(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(reason)`` (on the engine thread) when the engine thread dies; at once if it has."""
-        with self._wake:
-            self._on_failure, failure = callback, self._failure
-        if failure is not None:
-            callback(failure)
+        self._failure.subscribe(callback)
 
     def route_signals_to(self, on_sigterm: Callable[[int, FrameType | None], None]) -> None:
         """Nothing to hand on: the torch engine claims no signal, so the server's own handlers see them."""
@@ -154,8 +150,7 @@ class TorchEngine:
             generator=torch.Generator().manual_seed(params.seed) if params.seed is not None else None,
         )
         with self._wake:
-            if self._failure is not None:
-                raise EngineFailed(self._failure)
+            self._failure.check()
             if self.queue_depth + self.running >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests in flight")
             self._scheduler.waiting.append(request)
@@ -173,8 +168,7 @@ class TorchEngine:
         """Log-probs of tokens 1..n-1 of each sequence under the model, the FLOPs spent, the fingerprint."""
         job = _ScoreJob(sequences, Future())
         with self._wake:
-            if self._failure is not None:
-                raise EngineFailed(self._failure)
+            self._failure.check()
             self._scores.append(job)
             self._wake.notify()
         return await asyncio.wrap_future(job.future)
@@ -229,15 +223,14 @@ class TorchEngine:
 
     def _fail(self, reason: str) -> None:
         """Mark the engine failed, call the failure callback, and end every request and job with ``reason``."""
+        # First, so the server knows why before the requests end; a submit that takes the lock after
+        # this sees the failure, one that took it before has its request collected below.
+        self._failure.fail(reason)
         with self._wake:
-            self._failure = reason
-            callback = self._on_failure
             requests = [*self._admitted, *self._scheduler.requests()]
             jobs = [*self._scores, *self._swaps]
             for queue in (self._scheduler.waiting, self._scores, self._swaps):
                 queue.clear()
-        if callback is not None:  # first, so the server knows why before the requests end
-            callback(reason)
         for request in {id(r): r for r in requests}.values():
             request.end(f"the engine stopped: {reason}")
         for job in jobs:

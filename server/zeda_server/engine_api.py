@@ -8,6 +8,7 @@ implement :class:`Engine`; :mod:`zeda_server.app` knows no other engine type. An
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import FrameType
@@ -28,6 +29,38 @@ class QueueFull(Exception):
 
 class EngineFailed(Exception):
     """The engine has stopped on an error; nothing more will be served."""
+
+
+class FailureReport:
+    """Why an engine stopped, once it has, and the one callback told about it (any thread).
+
+    Both engines hold one: :meth:`Engine.on_failure` subscribes, the engine calls :meth:`fail`
+    once it stops, and :meth:`check` refuses new work from then on.
+    """
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._callback: Callable[[str], None] | None = None
+        self._lock = threading.Lock()
+
+    def subscribe(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(reason)`` when the engine stops; at once if it has."""
+        with self._lock:
+            self._callback, reason = callback, self.reason
+        if reason is not None:
+            callback(reason)
+
+    def fail(self, reason: str) -> None:
+        """Record that the engine stopped because of ``reason`` and tell the subscriber."""
+        with self._lock:
+            self.reason, callback = reason, self._callback
+        if callback is not None:
+            callback(reason)
+
+    def check(self) -> None:
+        """Raise :class:`EngineFailed` once the engine has stopped."""
+        if self.reason is not None:
+            raise EngineFailed(self.reason)
 
 
 @dataclass(frozen=True)

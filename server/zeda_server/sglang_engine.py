@@ -43,7 +43,7 @@ from zeda_core.checkpoint import read_state, resolve_checkpoint
 from zeda_core.errors import ZedaError
 from zeda_core.flops import FlopModel, FlopReport, expert_slot_flops, flop_report
 from zeda_server.candidates import SMOKE_PROMPT, CandidateRejected, Scope, candidate_weights
-from zeda_server.engine_api import EngineFailed, QueueFull, SamplingParams, StepOutput
+from zeda_server.engine_api import FailureReport, QueueFull, SamplingParams, StepOutput
 from zeda_server.sglang_env import SglangPlatform, prepare_sglang_environment
 from zeda_server.sglang_models.forward_counter import ForwardCounts, create_counter_file, read_forward_counts
 from zeda_server.sglang_models.plugin import register_configs
@@ -203,8 +203,7 @@ class SglangEngine:
         self.max_queue = max_queue
         self._in_flight = 0
         self._version_lock = RWLock()
-        self._failure: str | None = None  # set when an SGLang subprocess dies
-        self._on_failure: Callable[[str], None] | None = None
+        self._failure = FailureReport()  # fails when an SGLang subprocess dies
         self._on_sigterm: Callable[[int, FrameType | None], None] | None = None
         args = engine_arguments(
             self.platform, dtype, max_batch, self.context_length, max_total_tokens, tp_size, sglang_args or {}
@@ -236,9 +235,7 @@ class SglangEngine:
 
     def on_failure(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(reason)`` (on the event loop) when an SGLang subprocess dies; at once if one has."""
-        self._on_failure = callback
-        if self._failure is not None:
-            callback(self._failure)
+        self._failure.subscribe(callback)
 
     def _hand_on_signals(self) -> None:
         """Swap SGLang's signal handler class for one that hands SIGTERM and a dead subprocess on.
@@ -261,14 +258,9 @@ class SglangEngine:
             def running_phase_sigquit_handler(self, signum=None, frame=None) -> None:
                 if self.tokenizer_manager._subprocess_watchdog is not None:
                     self.tokenizer_manager._subprocess_watchdog.stop()
-                engine._fail("an SGLang subprocess died")
+                engine._failure.fail("an SGLang subprocess died")
 
         manager.signal_handler_class = HandOnSignals
-
-    def _fail(self, reason: str) -> None:
-        self._failure = reason
-        if self._on_failure is not None:
-            self._on_failure(reason)
 
     def forward_counts(self) -> ForwardCounts:
         """Slots the CPU MoE forward computed and skipped, and seconds in MoE blocks and model forwards,
@@ -280,8 +272,7 @@ class SglangEngine:
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StepOutput]:
         """Stream one request's outputs, all from one served version; closing the iterator aborts it."""
-        if self._failure is not None:
-            raise EngineFailed(self._failure)
+        self._failure.check()
         if self._in_flight >= self.max_queue:
             raise QueueFull(f"{self.max_queue} requests in flight")
         self._in_flight += 1
@@ -333,8 +324,7 @@ class SglangEngine:
 
     async def score(self, sequences: list[list[int]]) -> tuple[list[list[float]], FlopReport, str]:
         """Log-probs of tokens 1..n-1 of each sequence, the FLOPs spent, the fingerprint."""
-        if self._failure is not None:
-            raise EngineFailed(self._failure)
+        self._failure.check()
         async with self._version_lock.reader_lock:
             return await self._score(sequences, self.fingerprint)
 
