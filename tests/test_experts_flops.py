@@ -145,6 +145,8 @@ def test_flop_report_matches_hand_count() -> None:
     assert report.expert_flops_per_token == 17 * 3072 / 5
     assert report.usage() == {
         "zero_expert_ratio": 0.15,
+        "real_slots": 17,
+        "zero_slots": 3,
         "expert_flops": 17 * 3072,
         "expert_flops_saved": 3 * 3072,
         "dense_expert_flops": 20 * 3072,

@@ -40,6 +40,15 @@ FLAGS = {
     "--capture-max-rows": (int, "rows the capture store keeps (oldest dropped first)"),
     "--capture-max-age-days": (float, "captured rows older than this are dropped"),
     "--capture-max-mb": (int, "size bound of the capture store; the oldest rows go first"),
+    "--compute-tiers": (str, "named zero_expert_bias values requests pick by compute_tier, e.g. fast=2,quality=-30"),
+    "--target-zero-expert-ratio": (
+        float,
+        "hold the served r_ze at this share in [0, 1]: a PI controller moves the server's zero-expert offset",
+    ),
+    "--adaptive-compute": (str, "off, or queue: raise the zero-expert offset while the queue is deep (cheaper tokens)"),
+    "--adaptive-queue-depth": (int, "adaptive-compute queue: waiting requests from which the offset rises"),
+    "--adaptive-max-offset": (float, "adaptive-compute queue: the highest load offset, in logits"),
+    "--zero-ratio-window-tokens": (int, "served tokens of the sliding window the dashboard shows r_ze over"),
 }
 
 

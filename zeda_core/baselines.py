@@ -89,10 +89,17 @@ class RuledRouter(nn.Module):
         super().__init__()
         self.router, self.rule, self.spec = router, rule, router.spec
 
-    def forward(self, hidden_states: torch.Tensor, forced_ids: torch.Tensor | None = None) -> Routing:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        forced_ids: torch.Tensor | None = None,
+        zero_offset: torch.Tensor | None = None,
+    ) -> Routing:
+        """[T, H] -> the rule's :class:`Routing`; the arguments are :meth:`ZeroExpertRouter.forward`'s."""
         logits = self.router.logits(hidden_states)
         bias = self.router.e_score_correction_bias if self.spec.selection_bias else None
-        return self.rule(logits, route(logits, self.spec, selection_bias=bias, forced_ids=forced_ids))
+        routing = route(logits, self.spec, selection_bias=bias, forced_ids=forced_ids, zero_offset=zero_offset)
+        return self.rule(logits, routing)
 
 
 @contextlib.contextmanager

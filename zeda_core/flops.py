@@ -168,6 +168,8 @@ class FlopReport:
         """The ``usage.zeda`` object of the HTTP API."""
         return {
             "zero_expert_ratio": self.zero_expert_ratio,
+            "real_slots": self.real_slots,
+            "zero_slots": self.zero_slots,
             "expert_flops": self.expert_flops,
             "expert_flops_saved": self.expert_flops_saved,
             "dense_expert_flops": self.dense_expert_flops,

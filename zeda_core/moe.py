@@ -44,10 +44,17 @@ class ZeroExpertRouter(nn.Module):
             logits = torch.cat([logits[:, :n], logits[:, n:] + self.zero_logit_bias], dim=-1)
         return logits
 
-    def forward(self, hidden_states: torch.Tensor, forced_ids: torch.Tensor | None = None) -> Routing:
-        """[T, H] -> :class:`Routing` of the T tokens."""
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        forced_ids: torch.Tensor | None = None,
+        zero_offset: torch.Tensor | None = None,
+    ) -> Routing:
+        """[T, H] -> :class:`Routing` of the T tokens; ``zero_offset`` [T] is the compute dial (see :func:`route`)."""
         bias = self.e_score_correction_bias if self.spec.selection_bias else None
-        return route(self.logits(hidden_states), self.spec, selection_bias=bias, forced_ids=forced_ids)
+        return route(
+            self.logits(hidden_states), self.spec, selection_bias=bias, forced_ids=forced_ids, zero_offset=zero_offset
+        )
 
 
 class ZeroExpertMoeBlock(nn.Module):
@@ -97,7 +104,8 @@ class ZeroExpertMoeBlock(nn.Module):
         flat = hidden_states.reshape(-1, hidden)
         recorder = active_recorder()
         forced = recorder.forced_ids(self.layer_idx, batch, seq) if recorder is not None else None
-        routing = self.gate(flat, forced_ids=forced)
+        offset = recorder.token_zero_offsets(batch, seq) if recorder is not None else None
+        routing = self.gate(flat, forced_ids=forced, zero_offset=offset)
         if recorder is not None:
             recorder.add(self.layer_idx, routing, batch, seq)
         out = self.experts_backend(hidden_states=flat, routing=routing, experts=self.experts)

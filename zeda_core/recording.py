@@ -46,6 +46,9 @@ class RoutingRecorder:
             ``None`` counts every position.
         keep_probs: keep the routing probabilities (with autograd) for the group loss.
         replay: layer index -> [B, S, K] expert ids to force instead of top-k.
+        zero_offsets: [B] float32 compute dial of each batch row, in logits, added to the zero
+            experts' router logits (softmax) or selection scores (sigmoid) of every token of the
+            row in every MoE layer (see :func:`zeda_core.routing.route`); None: 0 for all rows.
     """
 
     def __init__(
@@ -53,11 +56,21 @@ class RoutingRecorder:
         token_mask: torch.Tensor | None = None,
         keep_probs: bool = False,
         replay: Mapping[int, torch.Tensor] | None = None,
+        zero_offsets: torch.Tensor | None = None,
     ) -> None:
         self.token_mask = token_mask
         self.keep_probs = keep_probs
         self.replay = dict(replay or {})
+        self.zero_offsets = zero_offsets
         self.layers: list[LayerRouting] = []
+
+    def token_zero_offsets(self, batch: int, seq: int) -> torch.Tensor | None:
+        """[B*S] float32 zero-expert offset of every token (its row's), or None when no row has one."""
+        if self.zero_offsets is None:
+            return None
+        if self.zero_offsets.shape != (batch,):
+            raise ZedaError(f"zero_offsets are {list(self.zero_offsets.shape)}, batch has {batch} rows")
+        return self.zero_offsets.float().repeat_interleave(seq)
 
     def forced_ids(self, layer_idx: int, batch: int, seq: int) -> torch.Tensor | None:
         """[B*S, K] ids recorded for this layer, or None when not replaying it."""
@@ -100,6 +113,15 @@ class RoutingRecorder:
         return torch.stack(counts, dim=1).cpu()
 
 
+def zero_offset_tensor(offsets: list[float] | None, rows: int, device: torch.device) -> torch.Tensor | None:
+    """[rows] float32 tensor of per-row compute dials, or None when every row's is 0 (or none is given)."""
+    if offsets is None or not any(offsets):
+        return None
+    if len(offsets) != rows:
+        raise ZedaError(f"{len(offsets)} zero-expert offsets for {rows} rows")
+    return torch.tensor(offsets, dtype=torch.float32, device=device)
+
+
 def active_recorder() -> RoutingRecorder | None:
     """The recorder of the current context, if any."""
     return _ACTIVE.get()
@@ -110,9 +132,13 @@ def record_routing(
     token_mask: torch.Tensor | None = None,
     keep_probs: bool = False,
     replay: Mapping[int, torch.Tensor] | None = None,
+    zero_offsets: torch.Tensor | None = None,
 ) -> Iterator[RoutingRecorder]:
-    """Record routing of every zero-aware MoE layer for the forward passes inside the block."""
-    recorder = RoutingRecorder(token_mask=token_mask, keep_probs=keep_probs, replay=replay)
+    """Record routing of every zero-aware MoE layer for the forward passes inside the block.
+
+    ``zero_offsets`` [B] is each row's compute dial (see :class:`RoutingRecorder`).
+    """
+    recorder = RoutingRecorder(token_mask=token_mask, keep_probs=keep_probs, replay=replay, zero_offsets=zero_offsets)
     token = _ACTIVE.set(recorder)
     try:
         yield recorder

@@ -38,6 +38,7 @@ def route(
     spec: RoutingSpec,
     selection_bias: torch.Tensor | None = None,
     forced_ids: torch.Tensor | None = None,
+    zero_offset: torch.Tensor | None = None,
 ) -> Routing:
     """Route tokens over real and zero experts.
 
@@ -48,6 +49,10 @@ def route(
             (``e_score_correction_bias``); required iff ``spec.selection_bias``.
         forced_ids: [T, K] expert ids to use instead of top-k (routing replay); weights are
             computed from the current logits for those ids exactly as for a fresh selection.
+        zero_offset: [T] float32 offset (logits) added to each token's zero-expert columns: the
+            compute dial. Softmax families add it to the zero logits (so it also moves the
+            softmax mass); sigmoid families add it to the zero columns' selection score only.
+            Negative values send fewer slots to zero experts, positive ones more; None is 0.
 
     Returns:
         The :class:`Routing` of the T tokens.
@@ -63,8 +68,13 @@ def route(
     logits = router_logits.float()
     if masked:
         logits = _mask_zero_columns(logits, spec)
+    dialled = zero_offset is not None and spec.num_zero_experts > 0 and not masked
+    if dialled and zero_offset.shape != (router_logits.shape[0],):
+        raise ZedaError(f"zero_offset must be [{router_logits.shape[0]}], got {list(zero_offset.shape)}")
 
     if spec.score_func == "softmax":
+        if dialled:
+            logits = _offset_zero_columns(logits, zero_offset, spec)
         scores = torch.softmax(logits, dim=-1)
         probs = scores
         choice = scores
@@ -73,6 +83,8 @@ def route(
         probs = scores / scores.sum(dim=-1, keepdim=True)
         choice = scores + selection_bias.float() if selection_bias is not None else scores
         choice = _limit_groups(choice, spec)
+        if dialled:
+            choice = _offset_zero_columns(choice, zero_offset, spec)
         if masked:
             choice = _mask_zero_columns(choice, spec)
 
@@ -88,6 +100,12 @@ def route(
     zero_mask = topk_ids >= spec.num_experts
     weights = weights.masked_fill(zero_mask, 0.0)
     return Routing(topk_ids=topk_ids, topk_weights=weights, zero_mask=zero_mask, probs=probs)
+
+
+def _offset_zero_columns(values: torch.Tensor, offset: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
+    """[T, N + Z] -> same, with each token's ``offset`` [T] added to its zero columns."""
+    n = spec.num_experts
+    return torch.cat([values[:, :n], values[:, n:] + offset.to(values)[:, None]], dim=-1)
 
 
 def _mask_zero_columns(values: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:

@@ -17,7 +17,7 @@ from transformers import DynamicCache
 
 from zeda_core.batching import pad_batch
 from zeda_core.model_queries import moe_blocks
-from zeda_core.recording import record_routing
+from zeda_core.recording import record_routing, zero_offset_tensor
 
 
 class KvBatch:
@@ -138,8 +138,13 @@ class ModelRunner:
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
-    def prefill(self, prompts: list[list[int]], kv: KvBatch | None = None) -> tuple[Forward, KvBatch]:
+    def prefill(
+        self, prompts: list[list[int]], kv: KvBatch | None = None, zero_offsets: list[float] | None = None
+    ) -> tuple[Forward, KvBatch]:
         """Run ``prompts`` (token ids) in one left-padded forward.
+
+        ``zero_offsets`` holds each prompt's compute dial in logits (see
+        :func:`zeda_core.routing.route`); None: 0 for all.
 
         Returns:
             The forward of the new rows, and the batch: ``kv``'s rows (if any) followed by the new ones.
@@ -147,16 +152,16 @@ class ModelRunner:
         ids, attention = (t.to(self.device) for t in pad_batch(prompts, self.pad_token_id, left=True))
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        forward = self._forward(ids, attention, positions, cache, attention.bool())
+        forward = self._forward(ids, attention, positions, cache, attention.bool(), zero_offsets)
         joined = KvBatch(cache, attention, positions[:, -1] + 1)
         return forward, joined if kv is None else kv.merge(joined)
 
     @torch.no_grad()
-    def decode(self, kv: KvBatch, tokens: list[int]) -> Forward:
-        """Feed one token per row of ``kv`` (``tokens[row]``) and extend the batch by it."""
+    def decode(self, kv: KvBatch, tokens: list[int], zero_offsets: list[float] | None = None) -> Forward:
+        """Feed one token per row of ``kv`` (``tokens[row]``, dial ``zero_offsets[row]``) and extend the batch by it."""
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
         kv.extend()
-        return self._forward(ids, kv.attention, (kv.positions - 1)[:, None], kv.cache, None)
+        return self._forward(ids, kv.attention, (kv.positions - 1)[:, None], kv.cache, None, zero_offsets)
 
     def _forward(
         self,
@@ -165,9 +170,11 @@ class ModelRunner:
         positions: torch.Tensor,
         cache: DynamicCache,
         token_mask: torch.Tensor | None,
+        zero_offsets: list[float] | None,
     ) -> Forward:
         """One forward of [B, S] ``ids``; ``token_mask`` [B, S] marks real tokens (None: all are)."""
-        with record_routing(token_mask=token_mask) as recorder:
+        offsets = zero_offset_tensor(zero_offsets, ids.shape[0], self.device)
+        with record_routing(token_mask=token_mask, zero_offsets=offsets) as recorder:
             logits = self.model(
                 input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True
             ).logits[:, -1]

@@ -17,7 +17,7 @@ from zeda_core.batching import pad_batch
 from zeda_core.errors import ZedaError
 from zeda_core.losses import token_logprobs
 from zeda_core.model_queries import moe_blocks
-from zeda_core.recording import RoutingRecorder, record_routing
+from zeda_core.recording import RoutingRecorder, record_routing, zero_offset_tensor
 
 
 @dataclass
@@ -63,9 +63,15 @@ class SequenceScores:
 
 @torch.inference_mode()
 def forward_batches(
-    model: torch.nn.Module, sequences: list[list[int]], pad_token_id: int, batch_size: int | None = None
+    model: torch.nn.Module,
+    sequences: list[list[int]],
+    pad_token_id: int,
+    batch_size: int | None = None,
+    zero_offsets: list[float] | None = None,
 ) -> Iterator[ForwardBatch]:
     """Run ``model`` over ``sequences`` (token ids), ``batch_size`` at a time (None: all in one), right-padded.
+
+    ``zero_offsets`` holds each sequence's compute dial in logits (:func:`zeda_core.routing.route`).
 
     Raises:
         ZedaError: a sequence is empty.
@@ -77,7 +83,9 @@ def forward_batches(
     step = batch_size or max(len(sequences), 1)
     for start in range(0, len(sequences), step):
         ids, mask = (t.to(device) for t in pad_batch(sequences[start : start + step], pad_token_id))
-        with record_routing(token_mask=mask.bool()) as recorder:
+        chunk_offsets = zero_offsets[start : start + step] if zero_offsets is not None else None
+        offsets = zero_offset_tensor(chunk_offsets, ids.shape[0], device)
+        with record_routing(token_mask=mask.bool(), zero_offsets=offsets) as recorder:
             logits = model(input_ids=ids, attention_mask=mask).logits
         counts = recorder.slot_counts().sum(dim=0) if zero_aware else None
         yield ForwardBatch(logits, ids, mask, recorder, counts)
@@ -85,7 +93,11 @@ def forward_batches(
 
 @torch.inference_mode()
 def score_sequences(
-    model: torch.nn.Module, sequences: list[list[int]], pad_token_id: int, batch_size: int | None = None
+    model: torch.nn.Module,
+    sequences: list[list[int]],
+    pad_token_id: int,
+    batch_size: int | None = None,
+    zero_offsets: list[float] | None = None,
 ) -> SequenceScores:
     """Log-probs of every token of each sequence given its prefix, from right-padded batched forwards.
 
@@ -94,6 +106,7 @@ def score_sequences(
         sequences: token ids, each at least one token long.
         pad_token_id: id filling the padding (masked out; it never changes a score).
         batch_size: sequences per forward; None scores them all in one forward.
+        zero_offsets: each sequence's compute dial in logits; None: 0 for all.
 
     Raises:
         ZedaError: a sequence is empty.
@@ -101,7 +114,7 @@ def score_sequences(
     logprobs: list[list[float]] = []
     counts: torch.Tensor | None = None
     tokens = 0
-    for batch in forward_batches(model, sequences, pad_token_id, batch_size):
+    for batch in forward_batches(model, sequences, pad_token_id, batch_size, zero_offsets):
         values = token_logprobs(batch.logits[:, :-1], batch.ids[:, 1:]).cpu()
         logprobs += [values[row, : length - 1].tolist() for row, length in enumerate(batch.mask.sum(-1).tolist())]
         tokens += batch.tokens

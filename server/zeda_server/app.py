@@ -17,6 +17,7 @@ Admin routes (bearer admin key; disabled without one): ``GET /admin/status``,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -33,6 +34,7 @@ from sse_starlette import EventSourceResponse
 
 from zeda_server.candidates import CandidateRejected, Scope
 from zeda_server.capture import TrafficCapture
+from zeda_server.compute_dial import ComputeDial
 from zeda_server.engine_api import Engine, EngineFailed, QueueFull, SamplingParams, StepOutput
 from zeda_server.errors import ApiError, error_response, install_error_handlers
 from zeda_server.lifecycle import Cancelled, Lifecycle
@@ -62,7 +64,20 @@ def create_app(settings: ServerSettings, engine: Engine, lifecycle: Lifecycle | 
     that runs the app; without one the app makes its own, ready at once. The engine reports its
     failure to it: the routes look only at the lifecycle to know the engine has stopped.
     """
-    app = FastAPI(title="ZEDA", version="0.1.0")
+    dial = ComputeDial(
+        target=settings.target_zero_expert_ratio,
+        adaptive=settings.adaptive_compute,
+        queue_threshold=settings.adaptive_queue_depth,
+        max_load_offset=settings.adaptive_max_offset,
+        window_tokens=settings.zero_ratio_window_tokens,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await dial.stop()
+
+    app = FastAPI(title="ZEDA", version="0.1.0", lifespan=lifespan)
     metrics = ServerMetrics()
     capture = TrafficCapture(settings)
     swap_lock = asyncio.Lock()
@@ -71,7 +86,7 @@ def create_app(settings: ServerSettings, engine: Engine, lifecycle: Lifecycle | 
         lifecycle.ready = True
     engine.on_failure(lifecycle.fail)
     app.state.engine, app.state.metrics, app.state.settings, app.state.capture = engine, metrics, settings, capture
-    app.state.lifecycle = lifecycle
+    app.state.lifecycle, app.state.dial = lifecycle, dial
     install_error_handlers(app)
     if settings.cors_origins:
         app.add_middleware(
@@ -80,7 +95,8 @@ def create_app(settings: ServerSettings, engine: Engine, lifecycle: Lifecycle | 
 
     @app.middleware("http")
     async def refuse_before_routing(request: Request, call_next):
-        """503 while draining (inference routes), 413 past the body-size limit."""
+        """503 while draining (inference routes), 413 past the body-size limit; starts the compute dial's ticks."""
+        dial.run(lambda: engine.queue_depth, engine.set_zero_offset)
         if lifecycle.draining and request.url.path.startswith("/v1/"):
             error = ApiError(
                 503,
@@ -96,7 +112,7 @@ def create_app(settings: ServerSettings, engine: Engine, lifecycle: Lifecycle | 
         return await call_next(request)
 
     def open_handle(endpoint: str, prompt: list[int], params: SamplingParams) -> _Handle:
-        return _Handle(engine, metrics, lifecycle, endpoint, prompt, params, settings.request_timeout)
+        return _Handle(engine, metrics, dial, lifecycle, endpoint, prompt, params, settings.request_timeout)
 
     def require_api_key(request: Request) -> None:
         _check_bearer(request, settings.api_key.get_secret_value() if settings.api_key else None, "API key")
@@ -171,6 +187,7 @@ def create_app(settings: ServerSettings, engine: Engine, lifecycle: Lifecycle | 
         counts = engine.forward_counts()
         if counts is not None:
             metrics.record_forward_counts(counts)
+        metrics.record_dial(dial)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/dashboard", response_class=HTMLResponse)
@@ -179,7 +196,8 @@ def create_app(settings: ServerSettings, engine: Engine, lifecycle: Lifecycle | 
 
     @app.get("/dashboard/stats")
     async def dashboard_stats() -> dict[str, Any]:
-        return metrics.snapshot(engine.queue_depth, engine.running) | {"model_version": engine.fingerprint}
+        stats = metrics.snapshot(engine.queue_depth, engine.running) | dial.snapshot()
+        return stats | {"model_version": engine.fingerprint}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -211,7 +229,10 @@ def create_app(settings: ServerSettings, engine: Engine, lifecycle: Lifecycle | 
         if body.max_tokens == 0:
             if not body.echo:
                 raise ApiError(400, "max_tokens must be > 0 unless echo is true", param="max_tokens")
-            return await _score(prompts, engine, metrics, lifecycle, settings)
+            if body.zero_expert_bias or body.compute_tier:
+                message = "zero_expert_bias and compute_tier apply to generation; prompt scoring uses the server offset"
+                raise ApiError(400, message, "zero_expert_bias" if body.zero_expert_bias else "compute_tier")
+            return await _score(prompts, engine, metrics, dial, lifecycle, settings)
         if body.stream and len(prompts) > 1:
             raise ApiError(400, "streaming takes a single prompt", param="prompt")
         handles = request.state.zeda_handles = []
@@ -251,13 +272,15 @@ class _Handle:
         self,
         engine: Engine,
         metrics: ServerMetrics,
+        dial: ComputeDial,
         lifecycle: Lifecycle,
         endpoint: str,
         prompt: list[int],
         params: SamplingParams,
         timeout: float | None = None,
     ) -> None:
-        self.engine, self.metrics, self.lifecycle, self.endpoint = engine, metrics, lifecycle, endpoint
+        self.engine, self.metrics, self.dial, self.lifecycle = engine, metrics, dial, lifecycle
+        self.endpoint = endpoint
         self.prompt, self.params, self.timeout = prompt, params, timeout
         self._cancelled: Cancelled | None = None
         self._waiting: asyncio.Task | None = None  # the task awaiting the engine's next output
@@ -346,6 +369,7 @@ class _Handle:
                 self.final = output
                 self.metrics.latency.observe(time.perf_counter() - self.started)
                 self.metrics.record(self.endpoint, output.prompt_tokens, output.completion_tokens, output.report)
+                self.dial.observe(output.report)
                 if self._capture is not None:
                     capture, prompt, chat = self._capture
                     text = "".join(self.text_parts)
@@ -441,7 +465,29 @@ def _sampling(
             "max_tokens",
             "context_length_exceeded",
         )
-    return SamplingParams(limit, body.temperature, body.top_p, body.seed, body.stop_list())
+    offset = _zero_expert_bias(body, engine, settings)
+    return SamplingParams(limit, body.temperature, body.top_p, body.seed, body.stop_list(), offset)
+
+
+def _zero_expert_bias(body: SamplingFields, engine: Engine, settings: ServerSettings) -> float:
+    """The request's own compute dial (logits): ``zero_expert_bias``, or its ``compute_tier``'s, else 0."""
+    if body.zero_expert_bias is not None and body.compute_tier is not None:
+        raise ApiError(400, "send zero_expert_bias or compute_tier, not both", param="compute_tier")
+    offset = body.zero_expert_bias or 0.0
+    if body.compute_tier is not None:
+        tiers = settings.tiers
+        if body.compute_tier not in tiers:
+            known = ", ".join(sorted(tiers)) or "none (start the server with --compute-tiers)"
+            raise ApiError(400, f"unknown compute_tier {body.compute_tier!r}; this server has: {known}", "compute_tier")
+        offset = tiers[body.compute_tier]
+    if offset and not engine.request_zero_offsets:
+        message = (
+            "this backend does not support per-request zero_expert_bias or compute_tier; "
+            "set a server-wide target with --target-zero-expert-ratio instead"
+        )
+        param = "compute_tier" if body.compute_tier else "zero_expert_bias"
+        raise ApiError(400, message, param, "unsupported_parameter")
+    return offset
 
 
 def _completion_prompts(body: CompletionRequest, engine: Engine) -> list[list[int]]:
@@ -463,7 +509,12 @@ def _completion_prompts(body: CompletionRequest, engine: Engine) -> list[list[in
 
 
 async def _score(
-    prompts: list[list[int]], engine: Engine, metrics: ServerMetrics, lifecycle: Lifecycle, settings: ServerSettings
+    prompts: list[list[int]],
+    engine: Engine,
+    metrics: ServerMetrics,
+    dial: ComputeDial,
+    lifecycle: Lifecycle,
+    settings: ServerSettings,
 ) -> dict[str, Any]:
     """``echo`` + ``max_tokens: 0``: the log-prob of every prompt token after the first."""
     if lifecycle.failure is not None:
@@ -478,6 +529,7 @@ async def _score(
         raise _engine_unavailable(metrics, "completions", str(exc)) from exc
     tokens = sum(map(len, prompts))
     metrics.record("completions", tokens, 0, report)
+    dial.observe(report)
     choices = []
     for index, (ids, values) in enumerate(zip(prompts, scores, strict=True)):
         logprobs = {

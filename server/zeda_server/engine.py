@@ -75,6 +75,7 @@ class TorchEngine:
     tokenizer: PreTrainedTokenizerBase
     context_length: int
     max_total_tokens: int | None
+    request_zero_offsets = True
 
     def __init__(
         self,
@@ -102,6 +103,7 @@ class TorchEngine:
         self._stopping = False
         self._failure = FailureReport()
         self._admitted: list[Request] = []
+        self._zero_offset = 0.0  # the server-wide compute dial, read at every forward
         self._thread = threading.Thread(target=self._loop, name="zeda-engine", daemon=True)
         self._thread.start()
 
@@ -127,6 +129,10 @@ class TorchEngine:
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         return chat_prompt_ids(self.tokenizer, messages)
+
+    async def set_zero_offset(self, offset: float) -> None:
+        """Route every token from the next forward on with ``offset`` (logits) plus its request's own."""
+        self._zero_offset = float(offset)
 
     def forward_counts(self) -> None:
         """The torch engine counts slots per request only (``usage.zeda``), not per forward."""
@@ -278,14 +284,21 @@ class TorchEngine:
         lane.drop_finished()
         admitted = [r for r in admitted if not r.cancelled]
         if admitted:
-            forward, lane.kv = lane.runner.prefill([r.prompt_ids for r in admitted], lane.kv)
+            prompts = [r.prompt_ids for r in admitted]
+            forward, lane.kv = lane.runner.prefill(prompts, lane.kv, self._zero_offsets(admitted))
             lane.running += admitted
             self._postprocess(lane, admitted, forward)
             lane.drop_finished()
         if lane.running:
-            forward = lane.runner.decode(lane.kv, [r.generated[-1] for r in lane.running])
+            tokens = [r.generated[-1] for r in lane.running]
+            forward = lane.runner.decode(lane.kv, tokens, self._zero_offsets(lane.running))
             self._postprocess(lane, lane.running, forward)
             lane.drop_finished()
+
+    def _zero_offsets(self, requests: list[Request]) -> list[float]:
+        """Each row's compute dial for the next forward: the server offset plus the request's own."""
+        server = self._zero_offset
+        return [server + request.params.zero_expert_bias for request in requests]
 
     def _postprocess(self, lane: Lane, requests: list[Request], forward: Forward) -> None:
         """Account each row of ``forward`` to its request, sample its next token and emit it."""
@@ -316,7 +329,8 @@ class TorchEngine:
     def _run_score(self, job: _ScoreJob) -> None:
         try:
             version = self.current
-            scores = score_sequences(version.model, job.sequences, self.tokenizer.pad_token_id)
+            offsets = [self._zero_offset] * len(job.sequences)
+            scores = score_sequences(version.model, job.sequences, self.tokenizer.pad_token_id, zero_offsets=offsets)
             report = flop_report(scores.slot_counts, scores.tokens, self.flop_model)
             job.future.set_result((scores.logprobs, report, version.fingerprint))
         except Exception as exc:  # handed to the awaiting request, which answers with an error

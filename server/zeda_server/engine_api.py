@@ -65,13 +65,19 @@ class FailureReport:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request samples: up to ``max_tokens`` tokens, temperature (0: greedy), top-p, seed, stop strings."""
+    """How one request samples and routes.
+
+    Up to ``max_tokens`` tokens, temperature (0: greedy), top-p, seed, stop strings, and
+    ``zero_expert_bias``: the request's own compute dial in logits, added to the server-wide
+    offset on every token of the request in every MoE layer (see :func:`zeda_core.routing.route`).
+    """
 
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    zero_expert_bias: float = 0.0
 
 
 @dataclass
@@ -109,11 +115,14 @@ class Engine(Protocol):
         context_length: the model's context window in tokens.
         max_total_tokens: KV-cache tokens the running batch may hold (prompt + ``max_tokens`` of a
             request must fit); None when the engine sizes its own pool.
+        request_zero_offsets: whether requests may carry their own ``zero_expert_bias``; the
+            server offset (:meth:`set_zero_offset`) applies either way.
     """
 
     tokenizer: PreTrainedTokenizerBase
     context_length: int
     max_total_tokens: int | None
+    request_zero_offsets: bool
 
     @property
     def fingerprint(self) -> str:
@@ -169,6 +178,10 @@ class Engine(Protocol):
 
     def versions(self) -> dict[str, object]:
         """``current`` (new requests start on it) and ``previous`` (a rollback returns to it) versions."""
+        ...
+
+    async def set_zero_offset(self, offset: float) -> None:
+        """Make ``offset`` (logits) the server-wide compute dial of every token from the next forward on."""
         ...
 
     def forward_counts(self) -> ForwardCounts | None:

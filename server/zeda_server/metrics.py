@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from zeda_core.flops import FlopReport
 
 if TYPE_CHECKING:
+    from zeda_server.compute_dial import ComputeDial
     from zeda_server.sglang_models.forward_counter import ForwardCounts
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -52,6 +53,16 @@ class ServerMetrics:
             ["part"],
             registry=r,
         )
+        self.zero_offset = Gauge(
+            "zeda_zero_expert_offset",
+            "The server's zero-expert offset (logits): target (controller), load (adaptive) and total.",
+            ["part"],
+            registry=r,
+        )
+        self.target_ratio = Gauge("zeda_target_zero_expert_ratio", "r_ze the controller tracks (-1: none).", registry=r)
+        self.window_ratio = Gauge(
+            "zeda_window_zero_expert_ratio", "Served r_ze over the dial's sliding token window.", registry=r
+        )
         self._lock = threading.Lock()
         self._events: collections.deque[tuple[float, int, int, int]] = collections.deque()
 
@@ -61,6 +72,15 @@ class ServerMetrics:
         self.moe_slots_run.labels("skipped").set(counts.skipped_slots)
         self.forward_seconds.labels("moe").set(counts.moe_seconds)
         self.forward_seconds.labels("model").set(counts.model_seconds)
+
+    def record_dial(self, dial: ComputeDial) -> None:
+        """Show the compute dial's offsets, target and windowed r_ze on ``/metrics``."""
+        self.zero_offset.labels("target").set(dial.target_offset)
+        self.zero_offset.labels("load").set(dial.load_offset)
+        self.zero_offset.labels("total").set(dial.offset)
+        self.target_ratio.set(dial.target if dial.target is not None else -1.0)
+        window = dial.window.zero_ratio
+        self.window_ratio.set(window if window is not None else 0.0)
 
     def record(self, endpoint: str, prompt_tokens: int, completion_tokens: int, report: FlopReport) -> None:
         """Account one finished request."""

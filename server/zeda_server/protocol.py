@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from zeda_core.flops import FlopReport
+from zeda_server.compute_dial import ZERO_EXPERT_BIAS_LIMIT
 
 
 class StreamOptions(BaseModel):
@@ -27,6 +28,12 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # The compute dial (extra fields, sent by OpenAI SDKs through ``extra_body``): a request offset on
+    # the zero-expert router logits, given as a number or as one of the server's named tiers.
+    zero_expert_bias: float | None = Field(
+        default=None, ge=-ZERO_EXPERT_BIAS_LIMIT, le=ZERO_EXPERT_BIAS_LIMIT, allow_inf_nan=False, strict=True
+    )
+    compute_tier: str | None = None
 
     @field_validator("stop")
     @classmethod

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
+from zeda_server.compute_dial import ZERO_EXPERT_BIAS_LIMIT, parse_tiers
+
 DEFAULT_MODEL = "models/tiny-zeda"
 
 
@@ -43,6 +45,23 @@ class ServerSettings(BaseSettings):
     capture_max_rows: int = Field(default=100_000, ge=1)
     capture_max_age_days: float = Field(default=30.0, gt=0)
     capture_max_mb: int = Field(default=1024, ge=1)
+    compute_tiers: str = ""
+    target_zero_expert_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
+    adaptive_compute: Literal["off", "queue"] = "off"
+    adaptive_queue_depth: int = Field(default=8, ge=1)
+    adaptive_max_offset: float = Field(default=4.0, gt=0.0, le=ZERO_EXPERT_BIAS_LIMIT)
+    zero_ratio_window_tokens: int = Field(default=2048, ge=16)
+
+    @field_validator("compute_tiers")
+    @classmethod
+    def _tiers_parse(cls, value: str) -> str:
+        parse_tiers(value)
+        return value
+
+    @property
+    def tiers(self) -> dict[str, float]:
+        """Named request offsets (``compute_tier``), logits."""
+        return parse_tiers(self.compute_tiers)
 
     @field_validator("served_model_name", "api_key", "admin_key", "capture_db", mode="before")
     @classmethod

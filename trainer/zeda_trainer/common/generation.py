@@ -49,18 +49,22 @@ def generate(
     batch_size: int = 32,
     generator: torch.Generator | None = None,
     record_routes: bool = False,
+    zero_expert_bias: float = 0.0,
 ) -> list[Generation]:
     """Generate for every prompt (token ids), ``batch_size`` prompts at a time, left-padded.
 
     ``max_new_tokens`` is one limit for all prompts or one per prompt. ``record_routes`` keeps
-    the expert ids of every processed token (zero-aware models only).
+    the expert ids of every processed token (zero-aware models only). ``zero_expert_bias`` is the
+    compute dial of every request, in logits (:func:`zeda_core.routing.route`).
     """
     limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
     runner = ModelRunner(model, pad_token_id, record_routes)
     results: list[Generation] = []
     for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)
-        results += _generate_batch(runner, prompts[chunk], limits[chunk], eos_token_id, temperature, top_p, generator)
+        results += _generate_batch(
+            runner, prompts[chunk], limits[chunk], eos_token_id, temperature, top_p, generator, zero_expert_bias
+        )
     return results
 
 
@@ -72,12 +76,13 @@ def _generate_batch(
     temperature: float,
     top_p: float,
     generator: torch.Generator | None,
+    zero_expert_bias: float,
 ) -> list[Generation]:
     """Prefill ``prompts`` together, then decode the unfinished rows until every request is done."""
     routing = [RequestRouting() for _ in prompts]
     generated: list[list[int]] = [[] for _ in prompts]
     finish = ["length"] * len(prompts)
-    forward, kv = runner.prefill(prompts)
+    forward, kv = runner.prefill(prompts, zero_offsets=[zero_expert_bias] * len(prompts))
     rows = list(range(len(prompts)))  # the request of each batch row
     while True:
         tokens = sample_next_tokens(forward.logits, temperature, top_p, generator).tolist()
@@ -92,7 +97,8 @@ def _generate_batch(
         if len(keep) < len(rows):
             kv.keep(keep)
             rows = [rows[row] for row in keep]
-        forward = runner.decode(kv, [generated[request][-1] for request in rows])
+        tokens = [generated[request][-1] for request in rows]
+        forward = runner.decode(kv, tokens, zero_offsets=[zero_expert_bias] * len(rows))
     return [
         Generation(generated[i], finish[i], routing[i].processed, routing[i].slot_counts, routing[i].routes())
         for i in range(len(prompts))
