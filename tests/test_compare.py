@@ -29,6 +29,7 @@ def _config(teacher: Path, student: Path, data: Path, tmp_path: Path) -> Compare
         dynamic_skip_quantiles=[0.5, 1.0],
         top_p=[0.1, 1.0],
         adamoe_null_experts=[4],
+        dial=[-40.0, 2.0],
         adamoe=AdaMoeConfig(
             top_k=3, block_size=64, batch_size=4, optim=OptimConfig(max_steps=3, warmup_steps=1, checkpoint_every=3)
         ),
@@ -41,7 +42,8 @@ def test_compare_measures_every_method_and_writes_an_offline_report(
     config = _config(small_teacher, small_student, small_data, tmp_path)
     points = run_compare(config)
     by_knob = {(p.method, p.knob): p for p in points}
-    assert [p.method for p in points] == ["teacher", "zeda", "dynamic-skip", "dynamic-skip", "top-p", "top-p", "adamoe"]
+    methods = ["teacher", "zeda", "zeda-dial", "zeda-dial", "dynamic-skip", "dynamic-skip", "top-p", "top-p", "adamoe"]
+    assert [p.method for p in points] == methods
     teacher = by_knob["teacher", "-"]
     assert teacher.flops_saved == 0.0 and teacher.kl == pytest.approx(0.0, abs=1e-6)
     full = by_knob["top-p", "p 1.0"]  # p = 1 is the original routing: the teacher's numbers exactly
@@ -49,7 +51,14 @@ def test_compare_measures_every_method_and_writes_an_offline_report(
     assert by_knob["top-p", "p 0.1"].flops_saved > 0.0 and by_knob["top-p", "p 0.1"].kl > 0.0
     median, everything = by_knob["dynamic-skip", "quantile 0.5"], by_knob["dynamic-skip", "quantile 1.0"]
     assert 0.0 < median.flops_saved < everything.flops_saved <= 0.5  # top-2: at most the second slot goes
-    assert by_knob["zeda", small_student.name].flops_saved > 0.0
+    zeda = by_knob["zeda", small_student.name]
+    assert zeda.flops_saved > 0.0
+    # The dial on the router-only student: at -40 it is the teacher, at +2 it skips more than as trained.
+    closed, opened = by_knob["zeda-dial", "bias -40"], by_knob["zeda-dial", "bias +2"]
+    assert (
+        closed.flops_saved == 0.0 and closed.kl == pytest.approx(0.0, abs=1e-5) and closed.accuracy == teacher.accuracy
+    )
+    assert opened.flops_saved > zeda.flops_saved
     assert (config.work_dir / "adamoe-z4-k3" / "config.json").is_file()
     for point in points:  # savings are against the original top-2, whatever k the method runs
         assert point.flops_saved == pytest.approx(1.0 - point.real_experts / 2, abs=1e-9)
@@ -57,7 +66,7 @@ def test_compare_measures_every_method_and_writes_an_offline_report(
 
     write_report(points, config)
     record = json.loads((config.out / "compare.json").read_text())
-    assert len(record["points"]) == 7 and {m["baseline"] for m in record["margins"]} == {
+    assert len(record["points"]) == 9 and {m["baseline"] for m in record["margins"]} == {
         "dynamic-skip",
         "top-p",
         "adamoe",

@@ -307,7 +307,11 @@ def test_target_holds_across_a_traffic_shift(small_data: Path, record_property) 
     then up. The first ``SETTLE`` requests of each half are the settling window.
     """
     target, per_half, settle, workers = 0.45, 120, 50, 4
-    skills = [row["prompt"] for row in read_jsonl(small_data / "skills" / "test.jsonl")]
+    skills = [
+        row["prompt"]
+        for split in ("test", "validation", "train")
+        for row in read_jsonl(small_data / "skills" / f"{split}.jsonl")
+    ]
     code = [
         row["text"][:120] for row in read_jsonl(small_data / "text" / "validation.jsonl") if row["domain"] == "code"
     ]

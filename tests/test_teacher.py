@@ -125,6 +125,11 @@ def test_eval_of_a_zeda_model_reports_savings(small_teacher: Path, small_data: P
     assert result["expert_flops_per_token"] < result["dense_expert_flops_per_token"]
     domains = result["routing"]["domains"]
     assert {"code", "prose", "addition"} <= set(domains)
+    dialled = ["eval", "--model", str(tmp_path / "z"), "--data", str(small_data), "--limit", "3", "--json"]
+    assert main([*dialled, "--zero-expert-bias", "-40"]) == 0  # the compute dial closed: no zero slot
+    closed = json.loads(capsys.readouterr().out)
+    assert closed["zero_expert_bias"] == -40.0 and closed["zero_expert_ratio"] == 0.0
+    assert closed["expert_flops_per_token"] == closed["dense_expert_flops_per_token"]
 
 
 def test_eval_of_a_dense_model(small_teacher: Path, small_data: Path, tmp_path: Path, capsys) -> None:
@@ -189,6 +194,11 @@ def test_eval_cli_bad_input(small_teacher: Path, small_data: Path, tmp_path: Pat
     assert f"{bad}:1: invalid JSON" in capsys.readouterr().err
     assert main(["eval", "--model", str(small_teacher), "--limit", "0"]) == 2
     assert "--limit must be >= 1" in capsys.readouterr().err
+    for bad_bias in ("nan", "1e9"):
+        assert main(["eval", "--model", str(small_teacher), "--zero-expert-bias", bad_bias]) == 2
+        assert f"--zero-expert-bias must be a finite number within ±100 logits, got {float(bad_bias)}" in (
+            capsys.readouterr().err
+        )
 
 
 def test_bad_recipe_is_refused(tmp_path: Path, capsys) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 from zeda_core.errors import ZedaError
+from zeda_core.routing import ZERO_EXPERT_BIAS_LIMIT
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -24,6 +26,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=int, help="evaluate at most this many items per skill")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--zero-expert-bias",
+        type=float,
+        default=0.0,
+        help="compute dial: offset (logits) on the zero-expert router logits of every token; lower spends more "
+        "expert compute, -40 none on zero experts (default 0: the model as trained)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run)
 
@@ -39,6 +48,11 @@ def run(args: argparse.Namespace) -> int:
     ):
         if value is not None and value < 1:
             raise ZedaError(f"{flag} must be >= 1, got {value}")
+    if not math.isfinite(args.zero_expert_bias) or abs(args.zero_expert_bias) > ZERO_EXPERT_BIAS_LIMIT:
+        raise ZedaError(
+            f"--zero-expert-bias must be a finite number within ±{ZERO_EXPERT_BIAS_LIMIT:g} logits, "
+            f"got {args.zero_expert_bias}"
+        )
     if not (args.data / "manifest.json").is_file():
         print(f"building the local dataset in {args.data}", file=sys.stderr)
         build_dataset(args.data)
@@ -50,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
+        zero_expert_bias=args.zero_expert_bias,
     )
     print(json.dumps(result) if args.json else format_table(result))
     return 0
@@ -62,7 +77,11 @@ def _fmt(value: float | None, spec: str) -> str:
 def format_table(result: dict) -> str:
     routing = result["routing"] or {}
     domains = routing.get("domains", {})
-    lines = [f"model {result['model']}", "", f"{'skill':16s} {'accuracy':>9s} {'n':>6s} {'r_ze':>6s}"]
+    lines = [
+        f"model {result['model']}  (zero-expert bias {result['zero_expert_bias']:+g})",
+        "",
+        f"{'skill':16s} {'accuracy':>9s} {'n':>6s} {'r_ze':>6s}",
+    ]
     for name, skill in result["skills"].items():
         ratio = (domains.get(name) or {}).get("zero_expert_ratio")
         lines.append(f"{name:16s} {skill['accuracy']:>9.3f} {skill['n']:>6d} {_fmt(ratio, '>6.3f')}")

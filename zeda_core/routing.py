@@ -14,6 +14,8 @@ import torch
 from zeda_core.errors import ZedaError
 from zeda_core.spec import RoutingSpec
 
+ZERO_EXPERT_BIAS_LIMIT = 100.0  # |compute dial| a request, a tier or an evaluation may ask for, in logits
+
 
 @dataclass(frozen=True)
 class Routing:

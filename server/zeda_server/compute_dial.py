@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from zeda_core.flops import FlopReport
+from zeda_core.routing import ZERO_EXPERT_BIAS_LIMIT
 
-ZERO_EXPERT_BIAS_LIMIT = 100.0  # |zero_expert_bias| a request may send, in logits
 TARGET_OFFSET_LIMIT = 20.0  # |target offset| the controller may reach, in logits
 TICK_SECONDS = 0.25
 LOAD_STEP = 0.5  # logits per tick
@@ -131,7 +131,7 @@ class ComputeDial:
         queue_threshold: int = 8,
         max_load_offset: float = 4.0,
         window_tokens: int = 2048,
-        control_tokens: int = 256,
+        control_tokens: int = 128,
         controller: PiController | None = None,
     ) -> None:
         self.target = target

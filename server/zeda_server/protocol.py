@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from zeda_core.flops import FlopReport
-from zeda_server.compute_dial import ZERO_EXPERT_BIAS_LIMIT
+from zeda_core.routing import ZERO_EXPERT_BIAS_LIMIT
 
 
 class StreamOptions(BaseModel):

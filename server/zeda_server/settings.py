@@ -9,7 +9,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
-from zeda_server.compute_dial import ZERO_EXPERT_BIAS_LIMIT, parse_tiers
+from zeda_core.routing import ZERO_EXPERT_BIAS_LIMIT
+from zeda_server.compute_dial import parse_tiers
 
 DEFAULT_MODEL = "models/tiny-zeda"
 

@@ -7,6 +7,9 @@ the frozen original). Methods and their knobs:
 
 - ``teacher``: the original model (0 % saved, the quality ceiling);
 - ``zeda``: each ZEDA checkpoint given (its FLOP level comes from its training target);
+- ``zeda-dial``: one ZEDA checkpoint (``dial_model``, default the first given) served at each
+  compute-dial offset of ``dial`` (logits on the zero-expert router logits): its whole
+  quality/compute curve without retraining;
 - ``dynamic-skip``: the original model, beta per layer at a quantile of the calibration ratios;
 - ``top-p``: the original model, cumulative-probability threshold p;
 - ``adamoe``: the original model with Z null experts and a raised top-k, fine-tuned with a
@@ -60,6 +63,8 @@ class CompareConfig(BaseModel):
     top_p: list[float] = [0.5, 0.6, 0.7, 0.8, 0.9]
     adamoe_null_experts: list[int] = [4, 8, 16]
     adamoe: AdaMoeConfig = AdaMoeConfig()
+    dial: list[float] = [-2.0, -1.0, -0.5, 0.5, 1.0]
+    dial_model: Path | None = None
 
 
 @dataclass
@@ -111,11 +116,21 @@ class Bench:
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id or 0
 
-    def measure(self, model: torch.nn.Module, method: str, knob: str, name: str) -> Point:
+    def measure(
+        self, model: torch.nn.Module, method: str, knob: str, name: str, zero_expert_bias: float = 0.0
+    ) -> Point:
+        """One point: ``model`` (at compute dial ``zero_expert_bias``, logits) on the skills and the text windows."""
         tally = RoutingTally(FlopModel.from_model(model))
-        skills = skill_accuracy(model, self.tokenizer, self.items, tally, max_new_tokens=self.config.max_new_tokens)
+        skills = skill_accuracy(
+            model,
+            self.tokenizer,
+            self.items,
+            tally,
+            max_new_tokens=self.config.max_new_tokens,
+            zero_expert_bias=zero_expert_bias,
+        )
         nll, kl, tokens = 0.0, 0.0, 0
-        scored = windowed_logits(model, self.windows, self.pad_id, tally, "text")
+        scored = windowed_logits(model, self.windows, self.pad_id, tally, "text", zero_expert_bias=zero_expert_bias)
         for (logits, ids, mask), teacher in zip(scored, self.teacher_logprobs, strict=True):
             target = mask[:, 1:].bool()
             nll -= float(token_logprobs(logits[:, :-1], ids[:, 1:])[target].sum())
@@ -160,30 +175,33 @@ def run_compare(config: CompareConfig) -> list[Point]:
     jobs = _jobs(config)
     points = []
     for method, knob, build in tqdm(jobs, desc="compare"):
-        model, name, rule = build(bench)
+        model, name, rule, bias = build(bench)
         if rule is None:
-            points.append(bench.measure(model, method, knob, name))
+            points.append(bench.measure(model, method, knob, name, bias))
         else:
             with routing_rule(model, rule):
-                points.append(bench.measure(model, method, knob, name))
+                points.append(bench.measure(model, method, knob, name, bias))
     return points
 
 
 def _jobs(config: CompareConfig) -> list[tuple]:
-    """(method, knob label, builder) for every point; a builder returns (model, name, rule or None)."""
+    """(method, knob label, builder) for every point.
+
+    A builder returns (model, name, routing rule or None, compute-dial offset in logits).
+    """
     teacher = str(config.teacher)
 
     def original(bench: Bench):
-        return load_model(bench.teacher_path), teacher, None
+        return load_model(bench.teacher_path), teacher, None, 0.0
 
-    def zeda(path: Path):
-        return lambda bench: (load_model(resolve_checkpoint(path)), str(path), None)
+    def zeda(path: Path, bias: float = 0.0):
+        return lambda bench: (load_model(resolve_checkpoint(path)), str(path), None, bias)
 
     def skipping(quantile: float):
         def build(bench: Bench):
             model = load_model(bench.teacher_path)
             betas = calibrate_dynamic_skip(model, bench.calibration_batches(), quantile)
-            return model, teacher, lambda layer: lambda _, routing: dynamic_skip(routing, betas[layer])
+            return model, teacher, lambda layer: lambda _, routing: dynamic_skip(routing, betas[layer]), 0.0
 
         return build
 
@@ -191,7 +209,7 @@ def _jobs(config: CompareConfig) -> list[tuple]:
         def build(bench: Bench):
             model = load_model(bench.teacher_path)
             spec = model_spec(model)
-            return model, teacher, lambda layer: lambda logits, _: top_p_routing(logits, spec, p)
+            return model, teacher, lambda layer: lambda logits, _: top_p_routing(logits, spec, p), 0.0
 
         return build
 
@@ -199,13 +217,16 @@ def _jobs(config: CompareConfig) -> list[tuple]:
         def build(bench: Bench):
             path = adamoe_model(config, null_experts)
             require_same_tokenizer(bench.tokenizer, path, "AdaMoE model", "teacher")
-            return load_model(path), str(path), None
+            return load_model(path), str(path), None, 0.0
 
         return build
 
+    dial_model = config.dial_model or (config.zeda[0] if config.zeda else None)
+    dial = [("zeda-dial", f"bias {bias:+g}", zeda(dial_model, bias)) for bias in config.dial] if dial_model else []
     return [
         ("teacher", "-", original),
         *[("zeda", path.name, zeda(path)) for path in config.zeda],
+        *dial,
         *[("dynamic-skip", f"quantile {q}", skipping(q)) for q in config.dynamic_skip_quantiles],
         *[("top-p", f"p {p}", top_p(p)) for p in config.top_p],
         *[("adamoe", f"Z {z}, k {config.adamoe.top_k}", adamoe(z)) for z in config.adamoe_null_experts],

@@ -20,7 +20,14 @@ from zeda_core.atomic import atomic_write_text
 from zeda_trainer.measure.compare import CompareConfig, Point
 
 BASELINES = ("dynamic-skip", "top-p", "adamoe")
-COLOURS = {"teacher": "#444444", "zeda": "#d62728", "dynamic-skip": "#1f77b4", "top-p": "#2ca02c", "adamoe": "#9467bd"}
+COLOURS = {
+    "teacher": "#444444",
+    "zeda": "#d62728",
+    "zeda-dial": "#ff9896",
+    "dynamic-skip": "#1f77b4",
+    "top-p": "#2ca02c",
+    "adamoe": "#9467bd",
+}
 
 
 @dataclass(frozen=True)

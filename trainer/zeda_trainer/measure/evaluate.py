@@ -131,12 +131,15 @@ def windowed_logits(
     tally: RoutingTally,
     domain: str,
     batch_size: int = 16,
+    zero_expert_bias: float = 0.0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(float32 CPU logits [B, W, V], ids [B, W], mask [B, W]) per batch of windows.
 
-    The routing of every window token is added to ``tally`` under ``domain``.
+    The routing of every window token is added to ``tally`` under ``domain``; ``zero_expert_bias``
+    is the compute dial of every window, in logits.
     """
-    for batch in forward_batches(model, windows, pad_id, batch_size):
+    offsets = [zero_expert_bias] * len(windows)
+    for batch in forward_batches(model, windows, pad_id, batch_size, offsets):
         tally.add(domain, batch.slot_counts, batch.tokens)
         yield batch.logits.float().cpu(), batch.ids.cpu(), batch.mask.cpu()
 
@@ -148,10 +151,14 @@ def negative_log_likelihood(
     tally: RoutingTally,
     domain: str,
     batch_size: int = 16,
+    zero_expert_bias: float = 0.0,
 ) -> tuple[float, int]:
     """(summed NLL in nats, predicted tokens) over ``texts``, in windows of PERPLEXITY_WINDOW tokens
-    that start with BOS; routing of every text token is added to ``tally`` under ``domain``."""
-    scores = score_sequences(model, text_windows(tokenizer, texts), tokenizer.pad_token_id or 0, batch_size)
+    that start with BOS, at compute dial ``zero_expert_bias`` (logits); routing of every text token
+    is added to ``tally`` under ``domain``."""
+    windows = text_windows(tokenizer, texts)
+    offsets = [zero_expert_bias] * len(windows)
+    scores = score_sequences(model, windows, tokenizer.pad_token_id or 0, batch_size, offsets)
     tally.add(domain, scores.slot_counts, scores.tokens)
     return -math.fsum(value for values in scores.logprobs for value in values), sum(map(len, scores.logprobs))
 
@@ -190,8 +197,10 @@ def skill_accuracy(
     tally: RoutingTally,
     batch_size: int = 64,
     max_new_tokens: int = 64,
+    zero_expert_bias: float = 0.0,
 ) -> dict[str, dict[str, float]]:
-    """Greedy answers to ``items``: skill -> {accuracy, n}; routing goes into ``tally`` per skill."""
+    """Greedy answers to ``items`` at compute dial ``zero_expert_bias`` (logits): skill -> {accuracy, n};
+    routing goes into ``tally`` per skill."""
     budgets = [
         min(max_new_tokens, len(tokenizer(i.answer, add_special_tokens=False).input_ids) + 8)
         if i.scorer == "exact"
@@ -205,6 +214,7 @@ def skill_accuracy(
         tokenizer.eos_token_id,
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         batch_size=batch_size,
+        zero_expert_bias=zero_expert_bias,
     )
     right: dict[str, list[bool]] = defaultdict(list)
     for item, gen in zip(items, generations, strict=True):
@@ -221,33 +231,39 @@ def evaluate(
     limit: int | None = None,
     batch_size: int = 64,
     max_new_tokens: int = 64,
+    zero_expert_bias: float = 0.0,
 ) -> dict[str, Any]:
-    """Evaluate a model; the result follows the ``zeda eval --json`` schema."""
+    """Evaluate a model at compute dial ``zero_expert_bias`` (logits, every token of every item and
+    text window); the result follows the ``zeda eval --json`` schema."""
     if text is not None and not text.is_file():
         raise ZedaError(f"--text {text} is not a file")
     items = limit_per_skill(load_eval_set(eval_set or data_dir / "skills" / "test.jsonl"), limit)
     model, zero_aware = load_any_model(model_path)
     tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(model_path))
     tally = RoutingTally(FlopModel.from_model(model) if zero_aware else None)
-    skills = skill_accuracy(model, tokenizer, items, tally, batch_size, max_new_tokens)
+    skills = skill_accuracy(model, tokenizer, items, tally, batch_size, max_new_tokens, zero_expert_bias)
 
     validation = read_jsonl(data_dir / "text" / "validation.jsonl")
     train = read_jsonl(data_dir / "text" / "train.jsonl")
     by_domain, unigram, nll_total, token_total = {}, {}, 0.0, 0
     for domain in sorted({row["domain"] for row in validation}):
         texts = [row["text"] for row in validation if row["domain"] == domain]
-        nll, tokens = negative_log_likelihood(model, tokenizer, texts, tally, domain)
+        nll, tokens = negative_log_likelihood(model, tokenizer, texts, tally, domain, zero_expert_bias=zero_expert_bias)
         by_domain[domain] = perplexity_of(nll, tokens)
         nll_total, token_total = nll_total + nll, token_total + tokens
         unigram[domain] = unigram_perplexity(tokenizer, [r["text"] for r in train if r["domain"] == domain], texts)
     text_ppl = None
     if text is not None:
-        text_ppl = perplexity_of(*negative_log_likelihood(model, tokenizer, [text.read_text()], tally, "text"))
+        scored = negative_log_likelihood(
+            model, tokenizer, [text.read_text()], tally, "text", zero_expert_bias=zero_expert_bias
+        )
+        text_ppl = perplexity_of(*scored)
 
     skill_names = list(skills)
     overall = tally.summary()
     return {
         "model": str(model_path),
+        "zero_expert_bias": zero_expert_bias,
         "skills": skills,
         "mean_accuracy": sum(s["accuracy"] for s in skills.values()) / len(skills),
         "perplexity": {
