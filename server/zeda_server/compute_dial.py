@@ -32,7 +32,7 @@ from zeda_core.routing import ZERO_EXPERT_BIAS_LIMIT
 
 TARGET_OFFSET_LIMIT = 20.0  # |target offset| the controller may reach, in logits
 TICK_SECONDS = 0.25
-LOAD_STEP = 0.5  # logits per tick
+LOAD_STEP = 0.25  # logits per tick
 CHANGE_EPSILON = 1e-3  # smaller moves of the server offset are not pushed to the engine
 
 AdaptiveMode = Literal["off", "queue"]
@@ -129,7 +129,7 @@ class ComputeDial:
         target: float | None = None,
         adaptive: AdaptiveMode = "off",
         queue_threshold: int = 8,
-        max_load_offset: float = 4.0,
+        max_load_offset: float = 1.0,
         window_tokens: int = 2048,
         control_tokens: int = 128,
         controller: PiController | None = None,

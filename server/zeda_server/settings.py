@@ -50,7 +50,7 @@ class ServerSettings(BaseSettings):
     target_zero_expert_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
     adaptive_compute: Literal["off", "queue"] = "off"
     adaptive_queue_depth: int = Field(default=8, ge=1)
-    adaptive_max_offset: float = Field(default=4.0, gt=0.0, le=ZERO_EXPERT_BIAS_LIMIT)
+    adaptive_max_offset: float = Field(default=1.0, gt=0.0, le=ZERO_EXPERT_BIAS_LIMIT)
     zero_ratio_window_tokens: int = Field(default=2048, ge=16)
 
     @field_validator("compute_tiers")
