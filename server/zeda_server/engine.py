@@ -75,7 +75,7 @@ class TorchEngine:
     tokenizer: PreTrainedTokenizerBase
     context_length: int
     max_total_tokens: int | None
-    request_zero_offsets = True
+    request_zero_offsets: bool = True
 
     def __init__(
         self,

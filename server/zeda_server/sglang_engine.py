@@ -19,6 +19,15 @@ its last chunk, so running requests finish on the old weights, requests that arr
 and run on the new ones, and no request changes version mid-stream. The candidate passes the torch
 engine's file checks first.
 
+The compute dial (``sglang_models.dial``): :meth:`SglangEngine.set_zero_offset` writes the
+server-wide zero offset into every MoE layer through ``update_weights_from_tensor``, with
+generation paused in place for that update only (running requests keep their KV and go on with
+the next forward), without waiting for them to finish. A request's own ``zero_expert_bias``
+travels in its SGLang request id, which only an eager forward reads: it is taken on SGLang's CPU
+engine and refused on a GPU host (CUDA-graph replays would not see it). Requests routed with a
+non-zero total offset salt SGLang's prefix cache with it, so cached KV is only reused between
+requests routed alike. Weight updates (hot-swaps and the dial) run one at a time.
+
 A dead SGLang subprocess (SGLang's watchdog sends SIGQUIT) is reported through
 :meth:`SglangEngine.on_failure`, as the torch engine reports a dead engine thread.
 """
@@ -26,6 +35,7 @@ A dead SGLang subprocess (SGLang's watchdog sends SIGQUIT) is reported through
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import tempfile
@@ -45,6 +55,7 @@ from zeda_core.flops import FlopModel, FlopReport, expert_slot_flops, flop_repor
 from zeda_server.candidates import SMOKE_PROMPT, CandidateRejected, Scope, candidate_weights
 from zeda_server.engine_api import FailureReport, QueueFull, SamplingParams, StepOutput
 from zeda_server.sglang_env import SglangPlatform, prepare_sglang_environment
+from zeda_server.sglang_models.dial import cache_salt, server_offset_weights, tagged_rid
 from zeda_server.sglang_models.forward_counter import ForwardCounts, create_counter_file, read_forward_counts
 from zeda_server.sglang_models.plugin import register_configs
 from zeda_server.sglang_models.zero_slots import routed_slot_counts, served_routing_spec
@@ -173,6 +184,7 @@ class SglangEngine:
     tokenizer: PreTrainedTokenizerBase
     context_length: int
     max_total_tokens: int | None
+    request_zero_offsets: bool
 
     def __init__(
         self,
@@ -203,6 +215,9 @@ class SglangEngine:
         self.max_queue = max_queue
         self._in_flight = 0
         self._version_lock = RWLock()
+        self._weight_updates = asyncio.Lock()  # one SGLang weight-update call or session at a time
+        self.zero_offset = 0.0  # the server-wide compute dial (logits), as SGLang holds it
+        self.request_zero_offsets = self.platform.on_cpu  # see the module docstring
         self._failure = FailureReport()  # fails when an SGLang subprocess dies
         self._on_sigterm: Callable[[int, FrameType | None], None] | None = None
         args = engine_arguments(
@@ -271,8 +286,14 @@ class SglangEngine:
         return chat_prompt_ids(self.tokenizer, messages)
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StepOutput]:
-        """Stream one request's outputs, all from one served version; closing the iterator aborts it."""
+        """Stream one request's outputs, all from one served version; closing the iterator aborts it.
+
+        Raises:
+            ValueError: ``params.zero_expert_bias`` is set but this engine takes no request offsets.
+        """
         self._failure.check()
+        if params.zero_expert_bias and not self.request_zero_offsets:
+            raise ValueError("zero_expert_bias is not supported by the SGLang backend on a GPU host")
         if self._in_flight >= self.max_queue:
             raise QueueFull(f"{self.max_queue} requests in flight")
         self._in_flight += 1
@@ -303,6 +324,8 @@ class SglangEngine:
             stream=True,
             return_logprob=True,
             return_routed_experts=True,
+            rid=tagged_rid(params.zero_expert_bias) if params.zero_expert_bias else None,
+            cache_salt=cache_salt(self.zero_offset + params.zero_expert_bias),
         )
         async for chunk in chunks:
             new = chunk["output_ids"][len(generated) :]
@@ -336,6 +359,7 @@ class SglangEngine:
             return_logprob=True,
             logprob_start_len=0,
             return_routed_experts=True,
+            cache_salt=cache_salt(self.zero_offset),
         )
         scores, reports = [], []
         for sequence, result in zip(sequences, results, strict=True):
@@ -347,6 +371,22 @@ class SglangEngine:
 
     def versions(self) -> dict[str, object]:
         return describe_versions(self.current, self.previous)
+
+    async def set_zero_offset(self, offset: float) -> None:
+        """Make ``offset`` (logits) the server-wide zero offset of every MoE layer from the next forward on.
+
+        One weight-update session over every MoE layer's ``topk.zero_offset``, loaded between two
+        forwards: running requests are neither waited for nor dropped, and go on at ``offset``.
+
+        Raises:
+            ZedaError: SGLang refused the update; the offset is unchanged.
+        """
+        weights = server_offset_weights(self.layout.moe_layers, offset)
+        try:
+            await self._update_from_tensors(weights, between_forwards=True)
+        except CandidateRejected as exc:
+            raise ZedaError(f"SGLang did not take zero offset {offset}: {exc}") from exc
+        self.zero_offset = float(offset)
 
     async def swap_checkpoint(self, checkpoint: str, scope: Scope) -> dict[str, Any]:
         """Validate ``checkpoint`` and load its router rows or all its weights into the running engine.
@@ -400,12 +440,20 @@ class SglangEngine:
         from sglang.srt.managers.io_struct import UpdateWeightFromDiskReqInput
 
         request = UpdateWeightFromDiskReqInput(model_path=str(checkpoint))
-        success, message, *_ = await self.engine.tokenizer_manager.update_weights_from_disk(request, None)
+        async with self._weight_updates:
+            success, message, *_ = await self.engine.tokenizer_manager.update_weights_from_disk(request, None)
         if not success:
             raise CandidateRejected(f"SGLang refused the weights: {message}")
 
-    async def _update_from_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Load router tensors inside a weight-update session (SGLang 0.5.23 requires one)."""
+    async def _update_from_tensors(self, tensors: dict[str, torch.Tensor], between_forwards: bool = False) -> None:
+        """Load ``tensors`` (router rows, or the dial's offsets) in a weight-update session (SGLang 0.5.23 needs one).
+
+        By default SGLang's update waits for every running request to finish and flushes the prefix
+        cache (a hot-swap, which holds the version lock, has none running). ``between_forwards``
+        instead loads the tensors between two forwards of the running batch (see
+        :meth:`_paused_in_place`) and keeps the prefix cache, whose entries are salted with the
+        offset they were routed with (:func:`~zeda_server.sglang_models.dial.cache_salt`).
+        """
         from sglang.srt.managers.io_struct import (
             BeginWeightUpdateReqInput,
             EndWeightUpdateReqInput,
@@ -414,18 +462,41 @@ class SglangEngine:
 
         manager = self.engine.tokenizer_manager
         payload = self.engine._serialize_tensors_per_rank(list(tensors.items()), None)
-        opened, message = await manager.begin_weight_update(BeginWeightUpdateReqInput(), None)
-        if not opened:
-            raise CandidateRejected(f"SGLang opened no weight-update session: {message}")
-        try:
-            request = UpdateWeightsFromTensorReqInput(serialized_named_tensors=payload)
-            success, message = await manager.update_weights_from_tensor(request, None)
-        finally:
-            closed, end_message = await manager.end_weight_update(EndWeightUpdateReqInput(), None)
+        async with self._weight_updates, self._paused_in_place(between_forwards):
+            opened, message = await manager.begin_weight_update(BeginWeightUpdateReqInput(), None)
+            if not opened:
+                raise CandidateRejected(f"SGLang opened no weight-update session: {message}")
+            try:
+                request = UpdateWeightsFromTensorReqInput(
+                    serialized_named_tensors=payload, flush_cache=not between_forwards
+                )
+                success, message = await manager.update_weights_from_tensor(request, None)
+            finally:
+                closed, end_message = await manager.end_weight_update(EndWeightUpdateReqInput(), None)
         if not success:
-            raise CandidateRejected(f"SGLang refused the router weights: {message}")
+            raise CandidateRejected(f"SGLang refused the weights: {message}")
         if not closed:
             raise CandidateRejected(f"SGLang could not close the weight update: {end_message}")
+
+    @contextlib.asynccontextmanager
+    async def _paused_in_place(self, pause: bool) -> AsyncIterator[None]:
+        """Hold SGLang's scheduler between two forwards for the block, when ``pause``.
+
+        SGLang's ``pause_generation`` in place: running requests keep their KV and go on afterwards.
+        Weight updates meanwhile skip SGLang's model-update lock, which waits for every running
+        request to finish.
+        """
+        if not pause:
+            yield
+            return
+        from sglang.srt.managers.io_struct import ContinueGenerationReqInput, PauseGenerationReqInput
+
+        manager = self.engine.tokenizer_manager
+        await manager.pause_generation(PauseGenerationReqInput(mode="in_place"))
+        try:
+            yield
+        finally:
+            await manager.continue_generation(ContinueGenerationReqInput(torch_empty_cache=False))
 
     async def _smoke_test(self) -> None:
         """Score the smoke prompt on the weights just loaded; raises on an engine error or non-finite log-probs."""

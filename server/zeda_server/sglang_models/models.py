@@ -2,7 +2,7 @@
 transformers-5 checkpoints, tie embeddings, and (ZEDA variants) route over N + Z rows.
 
 - ``Qwen3MoePlusPlusForCausalLM`` / ``Glm4MoeLitePlusPlusForCausalLM``: every sparse MoE block
-  made zero-aware (see ``zero_aware``).
+  made zero-aware (see ``zero_aware``), routed with the compute dial's offsets (see ``dial``).
 - ``Qwen3MoeCheckpointForCausalLM`` / ``Glm4MoeLiteCheckpointForCausalLM``: the plain models (a
   teacher, a static baseline) with the same loading fixes. ``zeda serve`` registers them under
   the upstream architecture names in the processes it starts (see ``plugin``).
@@ -29,6 +29,7 @@ from torch import nn
 
 from zeda_core.errors import ZedaError
 from zeda_server.sglang_models.cpu_moe import use_zero_skipping_cpu_moe
+from zeda_server.sglang_models.dial import RequestOffsets
 from zeda_server.sglang_models.forward_counter import FORWARD_COUNTER
 from zeda_server.sglang_models.plugin import allow_host_caches_on_cpu
 from zeda_server.sglang_models.zero_aware import make_zero_aware, routing_spec_of
@@ -86,12 +87,25 @@ class TimedForward:
             return super().forward(*args, **kwargs)
 
 
+class DialledForward:
+    """ZEDA models: before each forward, hand the batch's per-request zero offsets to the MoE layers."""
+
+    request_offsets: RequestOffsets
+
+    def forward(self, input_ids, positions, forward_batch, *args, **kwargs):
+        self.request_offsets.update(forward_batch, positions.shape[0], positions.device)
+        return super().forward(input_ids, positions, forward_batch, *args, **kwargs)
+
+
 def _adapt(model: nn.Module, block_type: type, zero_aware: bool) -> None:
-    """Tie ``lm_head``, run (and time) the zero-skipping CPU MoE, and (ZEDA models) make the MoE blocks zero-aware."""
+    """Tie ``lm_head``, run (and time) the zero-skipping CPU MoE, and (ZEDA models) make the MoE blocks
+    zero-aware, sharing the model's ``request_offsets``."""
     config = model.config
     if getattr(config, "tie_word_embeddings", False):
         model.lm_head = model.model.embed_tokens
     spec = routing_spec_of(config) if zero_aware else None
+    if spec is not None:
+        model.request_offsets = RequestOffsets()
     for layer_id, layer in enumerate(model.model.layers):
         if not isinstance(layer.mlp, block_type):
             continue
@@ -99,7 +113,8 @@ def _adapt(model: nn.Module, block_type: type, zero_aware: bool) -> None:
             use_zero_skipping_cpu_moe(layer.mlp.experts, layer_id)
             _time_moe_block(layer.mlp)
         if spec is not None:
-            make_zero_aware(layer.mlp, spec, config.hidden_size, layer_id, f"model.layers.{layer_id}.mlp")
+            prefix = f"model.layers.{layer_id}.mlp"
+            make_zero_aware(layer.mlp, spec, config.hidden_size, layer_id, prefix, model.request_offsets)
 
 
 class Qwen3MoeCheckpointForCausalLM(TimedForward, Qwen3MoeForCausalLM):
@@ -116,7 +131,7 @@ class Qwen3MoeCheckpointForCausalLM(TimedForward, Qwen3MoeForCausalLM):
         return super().load_weights(checkpoint_weights(weights, tied), is_mtp=is_mtp)
 
 
-class Qwen3MoePlusPlusForCausalLM(Qwen3MoeCheckpointForCausalLM):
+class Qwen3MoePlusPlusForCausalLM(DialledForward, Qwen3MoeCheckpointForCausalLM):
     """A ZEDA Qwen3-MoE: gate of N + Z rows, zero slots never computed."""
 
     zero_aware = True
@@ -152,7 +167,7 @@ class Glm4MoeLiteCheckpointForCausalLM(TimedForward, Glm4MoeLiteForCausalLM):
         return super().load_weights(checkpoint_weights(weights, tied), is_nextn=is_nextn)
 
 
-class Glm4MoeLitePlusPlusForCausalLM(Glm4MoeLiteCheckpointForCausalLM):
+class Glm4MoeLitePlusPlusForCausalLM(DialledForward, Glm4MoeLiteCheckpointForCausalLM):
     """A ZEDA GLM4-MoE-Lite: gate and correction bias of N + Z rows, zero slots never computed."""
 
     zero_aware = True

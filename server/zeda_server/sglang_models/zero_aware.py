@@ -1,5 +1,5 @@
-"""Turn an SGLang MoE block into a zero-aware one: a gate of N + Z rows, ``zeda_core.route`` top-k,
-zero slots handed to the fused MoE as skipped (-1) slots.
+"""Turn an SGLang MoE block into a zero-aware one: a gate of N + Z rows, ``zeda_core.route`` top-k
+with the compute dial's zero offsets (``dial``), zero slots handed to the fused MoE as skipped (-1) slots.
 
 Two fused-MoE forwards skip -1 slots: SGLang 0.5.23's Triton runner on GPU, and ZEDA's own CPU
 forward (``cpu_moe``). Any other runner (trtllm, cutlass, deep-gemm, upstream CPU) would compute
@@ -23,6 +23,7 @@ from zeda_core.errors import ZedaError
 from zeda_core.routing import route
 from zeda_core.spec import RoutingSpec
 from zeda_server.sglang_models.cpu_moe import runs_zero_skipping_cpu_moe
+from zeda_server.sglang_models.dial import OFFSET_PARAMETER, RequestOffsets
 from zeda_server.sglang_models.zero_slots import hand_off_zero_slots, served_routing_spec
 
 
@@ -47,6 +48,11 @@ class ZeroAwareTopK(nn.Module):
         correction_bias: [N + Z] selection bias for sigmoid families, else None.
         scale_in_topk: whether the routed scaling factor belongs in the top-k weights (else the
             experts apply it on their output).
+        request_offsets: the model's per-token request offsets (None: requests carry none).
+
+    Attributes:
+        zero_offset: [1] float32 parameter, the server-wide zero offset in logits (0 at load; set
+            through SGLang's weight-update API, see ``dial``).
     """
 
     def __init__(
@@ -55,16 +61,27 @@ class ZeroAwareTopK(nn.Module):
         layer_id: int,
         correction_bias: torch.Tensor | None = None,
         scale_in_topk: bool = True,
+        request_offsets: RequestOffsets | None = None,
     ) -> None:
         super().__init__()
         self.spec = spec if scale_in_topk else dataclasses.replace(spec, routed_scaling_factor=1.0)
         self.layer_id = layer_id
         self.correction_bias = correction_bias
+        self.request_offsets = request_offsets
         self.topk_config = _CaptureConfig()
+        offset = nn.Parameter(torch.zeros(1, dtype=torch.float32), requires_grad=False)
+        self.register_parameter(OFFSET_PARAMETER, offset)
+
+    def zero_offsets(self, num_tokens: int) -> torch.Tensor:
+        """[num_tokens] float32: the server-wide offset plus each token's request offset (logits)."""
+        offsets = self.zero_offset.expand(num_tokens)
+        per_token = self.request_offsets.of(num_tokens) if self.request_offsets is not None else None
+        return offsets if per_token is None else offsets + per_token
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor, *args, **kwargs) -> StandardTopKOutput:
         """[T, N + Z] router logits -> top-k output whose zero slots are id -1 with weight 0."""
-        routing = route(router_logits.float(), self.spec, selection_bias=self.correction_bias)
+        offsets = self.zero_offsets(router_logits.shape[0])
+        routing = route(router_logits.float(), self.spec, selection_bias=self.correction_bias, zero_offset=offsets)
         ids = routing.topk_ids.to(torch.int32)
         capture_routed_experts_if_allowed(self.topk_config, self.layer_id, ids)  # zero slots still >= N here
         ids, weights = hand_off_zero_slots(ids, routing.topk_weights.float(), self.spec.num_experts)
@@ -105,12 +122,20 @@ def check_experts_skip_zero_slots(experts: nn.Module, layer_id: int, on_cpu: boo
         raise ZedaError(f"layer {layer_id}: MoE runner {backend} does not skip zero slots; {hint}")
 
 
-def make_zero_aware(block: nn.Module, spec: RoutingSpec, hidden_size: int, layer_id: int, prefix: str) -> None:
+def make_zero_aware(
+    block: nn.Module,
+    spec: RoutingSpec,
+    hidden_size: int,
+    layer_id: int,
+    prefix: str,
+    request_offsets: RequestOffsets,
+) -> None:
     """Give ``block`` (an SGLang sparse MoE block with ``gate``, ``topk``, ``experts``) N + Z router rows.
 
     Softmax families get a ``ReplicatedLinear`` gate of N + Z rows (weight name ``gate.weight``);
     sigmoid families keep their gate module, with ``weight`` and ``e_score_correction_bias``
-    resized to N + Z rows.
+    resized to N + Z rows. The top-k routes with the dial's offsets: its own server-wide
+    ``topk.zero_offset`` and the model's ``request_offsets``.
     """
     check_experts_skip_zero_slots(block.experts, layer_id)
     if spec.score_func == "softmax":
@@ -122,4 +147,4 @@ def make_zero_aware(block: nn.Module, spec: RoutingSpec, hidden_size: int, layer
         gate.e_score_correction_bias = nn.Parameter(torch.empty((spec.num_rows,), dtype=torch.float32))
         bias = gate.e_score_correction_bias
     scale_in_topk = bool(getattr(block.experts, "should_fuse_routed_scaling_factor_in_topk", True))
-    block.topk = ZeroAwareTopK(spec, layer_id, bias, scale_in_topk)
+    block.topk = ZeroAwareTopK(spec, layer_id, bias, scale_in_topk, request_offsets)
