@@ -8,6 +8,10 @@ Loss terms are normalised over the global batch (:func:`global_batch_of`): each 
 share of the whole batch's loss, so the gradients that DDP averages over processes, and the loss
 and metrics that are logged (averaged over processes), are those of the global batch in one
 process, whatever the number of processes and however unevenly the valid tokens fall on them.
+
+Under FSDP2 (or DeepSpeed ZeRO-3) the same holds: the gradients are reduce-scattered instead of
+all-reduced, the checkpoints are saved as accelerate's sharded state, and the trained model is
+gathered into a plain module at the end (:mod:`zeda_trainer.common.sharding`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,15 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from zeda_core.losses import GlobalBatch
 from zeda_trainer.common.checkpointing import load_latest_checkpoint, save_checkpoint
 from zeda_trainer.common.metrics import MetricsLog
+from zeda_trainer.common.sharding import (
+    deepspeed_process_group,
+    enable_fsdp_on_cpu,
+    gathered_model,
+    plain_twin,
+    prepare_deepspeed,
+    shards_parameters,
+    zero3_leaf_blocks,
+)
 from zeda_trainer.data.packing import global_batch_rows
 
 StepLoss = Callable[[torch.nn.Module, int, Accelerator], tuple[torch.Tensor, dict[str, float]]]
@@ -50,12 +63,17 @@ def make_accelerator() -> Accelerator:
 
     Each global batch is split across processes, so the schedule steps once per optimizer step
     (``split_batches``). Under DDP an expert that gets no token on one rank leaves parameters
-    without gradients, so unused parameters are allowed.
+    without gradients, so unused parameters are allowed. CPU processes launched with an FSDP
+    config run FSDP, and DeepSpeed processes get what they need without a dataloader or a GPU
+    (:mod:`zeda_trainer.common.sharding`).
     """
-    return Accelerator(
+    accelerator = Accelerator(
         dataloader_config=DataLoaderConfiguration(split_batches=True),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True), *deepspeed_process_group()],
     )
+    enable_fsdp_on_cpu(accelerator)
+    prepare_deepspeed(accelerator)
+    return accelerator
 
 
 def global_batch_of(accelerator: Accelerator) -> GlobalBatch:
@@ -89,6 +107,9 @@ def run_training(
 ) -> tuple[torch.nn.Module, MetricsLog]:
     """Train the parameters of ``model`` that require grad; returns (unwrapped model, metrics log).
 
+    With sharded parameters the returned model is a plain module holding the gathered weights
+    on the main process (every process must reach the end of training).
+
     ``after_step(unwrapped_model, steps_done, step_metrics)`` runs after every optimizer step; it
     must depend only on the step, the model and the step's metrics, so that a resumed run
     repeats it exactly.
@@ -105,7 +126,11 @@ def run_training(
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, optim.warmup_steps, optim.max_steps, min_lr_rate=optim.min_lr_ratio
     )
+    twin = plain_twin(model) if shards_parameters(accelerator) else None
+    zero3_leaf_blocks(accelerator, model)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # FSDP2 replaces every parameter by its shard: clip the prepared model's parameters.
+    clipped = [p for p in model.parameters() if p.requires_grad]
     state = load_latest_checkpoint(accelerator, run_dir) if resume else None
     start = state["step"] if state else 0
     log = MetricsLog(
@@ -123,7 +148,7 @@ def run_training(
     for step in progress:
         loss, metrics = step_loss(model, step, accelerator)
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(trainable, optim.grad_clip)
+        accelerator.clip_grad_norm_(clipped, optim.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -144,4 +169,6 @@ def run_training(
             tick, tokens = time.perf_counter(), 0.0
         if done % optim.checkpoint_every == 0 or done == optim.max_steps:
             save_checkpoint(accelerator, run_dir, done, {"stage": desc})
+    if twin is not None:
+        return gathered_model(accelerator, model, twin), log
     return accelerator.unwrap_model(model), log

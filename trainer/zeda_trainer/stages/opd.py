@@ -38,6 +38,7 @@ from zeda_trainer.common.group_loss import GroupLossConfig
 from zeda_trainer.common.loop import OptimConfig, global_batch_of, make_accelerator, run_training
 from zeda_trainer.common.metrics import MetricsLog, save_trained_model
 from zeda_trainer.common.prompts import encode_prompt, load_prompts
+from zeda_trainer.common.sharding import deepspeed_zero3, full_parameters
 from zeda_trainer.common.teacher import TeacherScorer, make_teacher
 from zeda_trainer.data.packing import global_batch_rows
 
@@ -245,7 +246,11 @@ def opd_loss(
 
 
 class OnPolicySampler:
-    """Samples and scores one batch per ``updates_per_batch`` steps, deterministically from the step."""
+    """Samples and scores one batch per ``updates_per_batch`` steps, deterministically from the step.
+
+    Under FSDP2 each process samples as many tokens as its completions need, so sampling runs on
+    the gathered parameters (:func:`~zeda_trainer.common.sharding.full_parameters`).
+    """
 
     def __init__(
         self,
@@ -274,25 +279,26 @@ class OnPolicySampler:
         prompts = [self.prompts[i] for i in rows.tolist() for _ in range(config.samples_per_prompt)]
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index * 7919 + self.rank)
         model.eval()
-        generations = generate(
-            model,
-            prompts,
-            config.sampling.max_new_tokens,
-            self.tokenizer.eos_token_id,
-            self.tokenizer.pad_token_id,
-            temperature=config.sampling.temperature,
-            top_p=config.sampling.top_p,
-            batch_size=len(prompts),
-            generator=generator,
-            record_routes=config.routing_replay,
-        )
-        sequences = [p + g.tokens for p, g in zip(prompts, generations, strict=True)]
-        scored_from = [1 if config.advantage_tokens == "all" else len(p) for p in prompts]
-        scores = self.teacher.score(sequences, scored_from)
-        batch = build_batch(
-            prompts, generations, scores, self.tokenizer.pad_token_id, self.num_rows, device, scored_from
-        )
-        batch.old_logprobs = policy_forward(model, batch, keep_probs=False)[0].detach()
+        with full_parameters(model):
+            generations = generate(
+                model,
+                prompts,
+                config.sampling.max_new_tokens,
+                self.tokenizer.eos_token_id,
+                self.tokenizer.pad_token_id,
+                temperature=config.sampling.temperature,
+                top_p=config.sampling.top_p,
+                batch_size=len(prompts),
+                generator=generator,
+                record_routes=config.routing_replay,
+            )
+            sequences = [p + g.tokens for p, g in zip(prompts, generations, strict=True)]
+            scored_from = [1 if config.advantage_tokens == "all" else len(p) for p in prompts]
+            scores = self.teacher.score(sequences, scored_from)
+            batch = build_batch(
+                prompts, generations, scores, self.tokenizer.pad_token_id, self.num_rows, device, scored_from
+            )
+            batch.old_logprobs = policy_forward(model, batch, keep_probs=False)[0].detach()
         model.train()
         return batch
 
@@ -313,6 +319,8 @@ def build_opd_student(config: OpdConfig) -> tuple[torch.nn.Module, int, int]:
 def train_opd(config: OpdConfig, resume: bool = False) -> Path:
     """On-policy distillation from ``config.student``; returns ``config.out``."""
     accelerator = make_accelerator()
+    if deepspeed_zero3(accelerator):
+        raise ZedaError("OPD samples from the student, which DeepSpeed ZeRO-3 keeps partitioned: use FSDP2")
     student_path = resolve_checkpoint(config.student)
     tokenizer = AutoTokenizer.from_pretrained(student_path)
     prompts = [encode_prompt(tokenizer, p) for p in load_prompts(config.prompts)]

@@ -41,8 +41,12 @@ from zeda_trainer.common.group_loss import GroupLossConfig
 from zeda_trainer.common.loop import OptimConfig, global_batch_of, make_accelerator, process_rows, run_training
 from zeda_trainer.common.metrics import MetricsLog, save_trained_model
 from zeda_trainer.common.prompts import load_prompts
+from zeda_trainer.common.sharding import deepspeed_zero3, shards_parameters
 from zeda_trainer.data.packing import pack_blocks, read_user_jsonl
 from zeda_trainer.stages.rollouts import RolloutConfig, cached_rollouts, teacher_rollouts
+
+MAX_CHUNKS = 8
+"""Most length groups one batch runs in (:func:`length_chunks`)."""
 
 
 class TextMixConfig(BaseModel):
@@ -186,7 +190,7 @@ def sft_loss(
     num_experts: int,
     config: SftConfig,
     teacher: torch.nn.Module | None = None,
-    max_chunks: int = 8,
+    max_chunks: int = MAX_CHUNKS,
     global_batch: GlobalBatch = ONE_PROCESS,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one right-padded batch and its metrics; padding enters neither the losses nor the ratios.
@@ -311,6 +315,9 @@ def train_sft(config: SftConfig, resume: bool = False) -> Path:
     distils = config.kl_weight > 0 or config.hidden_weight > 0
     teacher = load_model(config.teacher).to(accelerator.device) if distils else None
     global_batch = global_batch_of(accelerator)
+    # Sharded parameters are gathered at every forward, so every process must run as many
+    # forwards: the batch runs in one group (more padding, but the same loss).
+    max_chunks = 1 if shards_parameters(accelerator) else MAX_CHUNKS
 
     def step_loss(model: torch.nn.Module, step: int, acc: Accelerator) -> tuple[torch.Tensor, dict[str, float]]:
         rows = process_rows(acc, step, config.batch_size, len(records), config.seed).tolist()
@@ -323,7 +330,7 @@ def train_sft(config: SftConfig, resume: bool = False) -> Path:
             group_mask = batch["attention_mask"].clone()
             group_mask[len(rows) :] = 0
             batch["group_mask"] = group_mask
-        loss, metrics = sft_loss(model, batch, num_experts, config, teacher, global_batch=global_batch)
+        loss, metrics = sft_loss(model, batch, num_experts, config, teacher, max_chunks, global_batch)
         return loss, metrics | {"tokens": float(batch["attention_mask"].sum())}
 
     target = group_aux_target_ratio(num_experts, config.zero_experts, config.group_loss.zero_group_weight)
@@ -337,6 +344,8 @@ def train_sft(config: SftConfig, resume: bool = False) -> Path:
             nudge_zero_bias(model, ratios, [scheduled] * len(ratios), config.zero_ramp_step_size)
 
     after_step = ramp if config.init == "preserve" and config.zero_ramp_steps else None
+    if after_step is not None and deepspeed_zero3(accelerator):
+        raise ZedaError("the zero ramp moves zero-row offsets that DeepSpeed ZeRO-3 partitions: use FSDP2")
     model, log = run_training(accelerator, student, config.optim, config.run_dir, step_loss, resume, "sft", after_step)
     if accelerator.is_main_process:
         _save_student(model, config, log, num_experts)
