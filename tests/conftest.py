@@ -72,3 +72,13 @@ def small_student(small_teacher: Path, tmp_path_factory) -> Path:
     model = load_model(small_teacher, zero_aware=False)
     inject_zero_experts(model, 4, init="gaussian", seed=0)
     return save_model(model, tmp_path_factory.mktemp("student") / "student", side_files_from=small_teacher)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``docker`` run only when ``-m`` names them (docker/smoke.sh: ``pytest -m docker``)."""
+    if "docker" in (config.getoption("markexpr") or ""):
+        return
+    deselected = [item for item in items if item.get_closest_marker("docker")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("docker")]
