@@ -39,11 +39,11 @@ def test_convert_and_inspect_end_to_end(teacher: Path, tmp_path: Path) -> None:
 
 
 def test_preserve_init_reports_zero_ratio(teacher: Path, tmp_path: Path, capsys) -> None:
-    out = tmp_path / "preserve"
-    assert (
-        main(["convert", "--model", str(teacher), "--zero-experts", "4", "--init", "preserve", "--out", str(out)]) == 0
-    )
+    args = ["convert", "--model", str(teacher), "--zero-experts", "4", "--init", "preserve", "--out"]
+    assert main([*args, str(tmp_path / "preserve"), "--probe"]) == 0
     assert "r_ze@init  0.000" in capsys.readouterr().out
+    assert main([*args, str(tmp_path / "unprobed")]) == 0  # the default never loads the model
+    assert "r_ze@init  not measured (--probe)" in capsys.readouterr().out
 
 
 def _plain(tmp_path: Path, name: str, model_type: str, **config) -> Path:

@@ -112,9 +112,7 @@ def load_model(
     num_zero = read_num_zero_experts(raw)
     if num_zero and not zero_aware:
         raise ZedaError(f"{checkpoint} is a ZEDA checkpoint with {num_zero} zero experts; load it zero-aware")
-    config = hf_config(raw)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    model = empty_model(raw, attn_implementation=attn_implementation)
     spec = inject_zero_experts(model, num_zero, init=None) if zero_aware else None
     set_moe_backend(model, moe_backend, device=device)
     state = _to_fused_layout(_read_weights(checkpoint), family)
@@ -126,6 +124,12 @@ def load_model(
     if dtype is not None:
         model.to(dtype)
     return model.to(device).eval()
+
+
+def empty_model(raw: dict[str, Any], attn_implementation: str | None = None) -> PreTrainedModel:
+    """The HF causal LM a ``config.json`` dict describes, with its weights on the meta device (no memory)."""
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(hf_config(raw), attn_implementation=attn_implementation)
 
 
 def save_model(
@@ -142,9 +146,7 @@ def save_model(
     out = Path(out_dir).expanduser().resolve()
     with atomic_directory(out, overwrite=overwrite) as tmp:
         if side_files_from is not None:
-            for item in side_files_from.iterdir():
-                if item.is_file() and SIDE_FILES.match(item.name):
-                    shutil.copy2(item, tmp / item.name)
+            copy_side_files(side_files_from, tmp)
         (tmp / CONFIG_FILE).write_text(json.dumps(checkpoint_config(model), indent=2, sort_keys=True) + "\n")
         _write_weights(_unique_state_dict(model), tmp, max_shard_size)
     return out
@@ -160,20 +162,48 @@ def checkpoint_config(model: PreTrainedModel) -> dict[str, Any]:
     return config
 
 
-def _read_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+def copy_side_files(source: Path, directory: Path) -> None:
+    """Copy the tokenizer and generation files (:data:`SIDE_FILES`) of checkpoint ``source`` into ``directory``."""
+    for item in source.iterdir():
+        if item.is_file() and SIDE_FILES.match(item.name):
+            shutil.copy2(item, directory / item.name)
+
+
+def weight_files(checkpoint: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the shards its index lists (sorted), or ``model.safetensors``.
+
+    Raises:
+        ZedaError: no safetensors weights, an unreadable index, or a shard the index lists that is missing.
+    """
     index = checkpoint / WEIGHTS_INDEX
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (checkpoint / WEIGHTS_FILE).is_file():
-        shards = [WEIGHTS_FILE]
-    else:
+    if not index.is_file():
+        if (checkpoint / WEIGHTS_FILE).is_file():
+            return [checkpoint / WEIGHTS_FILE]
         raise ZedaError(f"{checkpoint} has no {WEIGHTS_FILE} or {WEIGHTS_INDEX}; weights load through safetensors only")
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise ZedaError(f"cannot read {index}: {exc!r}") from exc
+    missing = [shard for shard in shards if not (checkpoint / shard).is_file()]
+    if missing:
+        raise ZedaError(f"{index} lists {checkpoint / missing[0]}, which does not exist")
+    return [checkpoint / shard for shard in shards]
+
+
+def canonical_key(key: str, family: MoeFamily) -> str:
+    """A checkpoint key under the names the loaded model uses (the family's legacy renames applied)."""
+    for old, new in family.legacy_renames:
+        key = key.replace(old, new)
+    return key
+
+
+def _read_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    for shard in shards:
+    for shard in weight_files(checkpoint):
         try:
-            state.update(load_file(checkpoint / shard))
+            state.update(load_file(shard))
         except Exception as exc:  # safetensors raises its own error types for corrupt files
-            raise ZedaError(f"cannot read weights {checkpoint / shard}: {exc}") from exc
+            raise ZedaError(f"cannot read weights {shard}: {exc}") from exc
     # safetensors may hand out tensors at unaligned offsets; CPU kernels then take another SIMD
     # path and results differ in the last bit. Aligned copies keep reloads bit-identical.
     return {k: v if v.data_ptr() % _ALIGNMENT == 0 else v.clone() for k, v in state.items()}
@@ -184,8 +214,7 @@ def _to_fused_layout(state: dict[str, torch.Tensor], family: MoeFamily) -> dict[
     fused: dict[str, torch.Tensor] = {}
     per_expert: dict[str, dict[tuple[str, int], torch.Tensor]] = defaultdict(dict)
     for key, tensor in state.items():
-        for old, new in family.legacy_renames:
-            key = key.replace(old, new)
+        key = canonical_key(key, family)
         match = _EXPERT_KEY.match(key)
         if match and match["proj"] in family.legacy_expert_names:
             per_expert[match["prefix"]][(match["proj"], int(match["idx"]))] = tensor

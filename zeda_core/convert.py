@@ -20,11 +20,13 @@ ramps up from 0 to the group loss's target; from there the group loss sets the z
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 from tqdm import tqdm
+from transformers import PretrainedConfig
 
 from zeda_core.errors import ZedaError
 from zeda_core.families import MoeFamily, family_for_config
@@ -52,6 +54,35 @@ def sparse_blocks(model: nn.Module, family: MoeFamily) -> list[tuple[str, int, n
     return found
 
 
+def zero_expert_spec(
+    config: PretrainedConfig, family: MoeFamily, num_zero_experts: int, init: ZeroInit | None
+) -> RoutingSpec:
+    """The routing spec of ``family``'s MoE layers after injecting Z zero experts with ``init``.
+
+    Softmax ``preserve`` adds the zero-row logit offset; a config that already has one keeps it.
+
+    Raises:
+        ZedaError: Z < 0, or an unknown ``init``.
+    """
+    if num_zero_experts < 0:
+        raise ZedaError(f"number of zero experts must be >= 0, got {num_zero_experts}")
+    if init is not None and init not in ZERO_INITS:
+        raise ZedaError(f"unknown init {init!r}; choose one of {', '.join(ZERO_INITS)}")
+    softmax_preserve = init == "preserve" and family.score_func == "softmax"
+    wants_offset = softmax_preserve or bool(getattr(config, ZERO_LOGIT_BIAS_KEY, False))
+    return family.routing_spec(config, num_zero_experts, zero_logit_bias=wants_offset)
+
+
+def record_zero_experts(config: PretrainedConfig, spec: RoutingSpec) -> None:
+    """Write Z (and the zero-row offset flag) onto ``config`` with the published ZEDA keys; nothing for Z = 0."""
+    if not spec.num_zero_experts:
+        return
+    zce: dict[str, object] = {ZERO_LOGIT_BIAS_KEY: spec.zero_logit_bias}
+    write_num_zero_experts(zce, spec.num_zero_experts, mask=spec.mask_zero_experts)
+    for key, value in zce.items():
+        setattr(config, key, value)
+
+
 def inject_zero_experts(
     model: nn.Module,
     num_zero_experts: int,
@@ -73,18 +104,12 @@ def inject_zero_experts(
         The routing spec now used by every MoE layer. ``model.config`` records Z with the
         published ZEDA keys.
     """
-    if num_zero_experts < 0:
-        raise ZedaError(f"number of zero experts must be >= 0, got {num_zero_experts}")
-    if init is not None and init not in ZERO_INITS:
-        raise ZedaError(f"unknown init {init!r}; choose one of {', '.join(ZERO_INITS)}")
     config = model.config
     family = family_for_config(config)
+    spec = zero_expert_spec(config, family, num_zero_experts, init)
     blocks = sparse_blocks(model, family)
     if not blocks:
         raise ZedaError(f"model of type {config.model_type!r} has no MoE layer to convert")
-    softmax_preserve = init == "preserve" and family.score_func == "softmax"
-    wants_offset = softmax_preserve or bool(getattr(config, ZERO_LOGIT_BIAS_KEY, False))
-    spec = family.routing_spec(config, num_zero_experts, zero_logit_bias=wants_offset)
     generator = torch.Generator().manual_seed(seed)
     for name, layer_idx, block in tqdm(blocks, desc="converting MoE layers", unit="layer", disable=not progress):
         parent_name, _, attr = name.rpartition(".")
@@ -92,11 +117,7 @@ def inject_zero_experts(
         if init is not None:
             _init_zero_rows(new_block.gate, block.gate, spec, init, generator)
         setattr(model.get_submodule(parent_name), attr, new_block)
-    if num_zero_experts:
-        zce: dict[str, object] = {ZERO_LOGIT_BIAS_KEY: spec.zero_logit_bias}
-        write_num_zero_experts(zce, num_zero_experts, mask=spec.mask_zero_experts)
-        for key, value in zce.items():
-            setattr(config, key, value)
+    record_zero_experts(config, spec)
     return spec
 
 
@@ -115,32 +136,81 @@ def _zero_aware_block(block: nn.Module, family: MoeFamily, spec: RoutingSpec, la
     )
 
 
+@dataclass(frozen=True)
+class RouterRows:
+    """The router tensors of one MoE layer after conversion.
+
+    Attributes:
+        weight: [N + Z, H] gate rows, real experts first, in the old gate's dtype and device.
+        selection_bias: [N + Z] float32 ``e_score_correction_bias``; None without a selection bias.
+        zero_logit_bias: [Z] float32 zero-row logit offset; None when the spec has none.
+    """
+
+    weight: torch.Tensor
+    selection_bias: torch.Tensor | None
+    zero_logit_bias: torch.Tensor | None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors by their :class:`~zeda_core.moe.ZeroExpertRouter` names (the checkpoint key suffixes)."""
+        named = {
+            "weight": self.weight,
+            "e_score_correction_bias": self.selection_bias,
+            "zero_logit_bias": self.zero_logit_bias,
+        }
+        return {name: tensor for name, tensor in named.items() if tensor is not None}
+
+
 @torch.no_grad()
-def _init_zero_rows(
-    gate: ZeroExpertRouter, old_gate: nn.Module, spec: RoutingSpec, init: str, generator: torch.Generator
-) -> None:
-    n, z = spec.num_experts, spec.num_zero_experts
-    real_rows = old_gate.weight.detach()
-    gate.weight[:n] = real_rows
-    real_bias = old_gate.e_score_correction_bias.detach().float() if spec.selection_bias else None
-    if spec.selection_bias:
-        gate.e_score_correction_bias[:n] = real_bias
-    if z == 0:
-        return
+def widen_router(
+    weight: torch.Tensor,
+    selection_bias: torch.Tensor | None,
+    spec: RoutingSpec,
+    init: ZeroInit,
+    generator: torch.Generator,
+) -> RouterRows:
+    """Append Z zero-expert rows to one layer's router with ``init`` (the rule in the module docstring).
+
+    Args:
+        weight: [N, H] gate rows of the original router.
+        selection_bias: [N] ``e_score_correction_bias`` where ``spec.selection_bias``, else None.
+        spec: the layer's routing spec after conversion (N, Z, offset and bias flags).
+        init: ``gaussian`` or ``preserve``.
+        generator: CPU generator of the gaussian draws; it advances by Z * H (+ Z with a bias).
+    """
+    z = spec.num_zero_experts
+    real_rows = weight.detach()
     if init == "gaussian":
         std, mean = torch.std_mean(real_rows.float().cpu(), dim=0)
-        draw = torch.randn(z, real_rows.shape[1], generator=generator)
-        gate.weight[n:] = (mean + std * draw).to(gate.weight)
-        if spec.selection_bias:
-            bias_std, bias_mean = torch.std_mean(real_bias.cpu())
-            draw = torch.randn(z, generator=generator)
-            gate.e_score_correction_bias[n:] = (bias_mean + bias_std * draw).to(gate.e_score_correction_bias)
+        new_rows = mean + std * torch.randn(z, real_rows.shape[1], generator=generator)
     else:
-        gate.weight[n:] = 0.0
-        if spec.zero_logit_bias:
-            gate.zero_logit_bias.fill_(PRESERVE_LOGIT)
-        if spec.selection_bias:
-            gate.e_score_correction_bias[n:] = real_bias.min() - 2.0
+        new_rows = torch.zeros(z, real_rows.shape[1])
+    bias = None
+    if spec.selection_bias:
+        real_bias = selection_bias.detach().float()
+        bias = torch.cat([real_bias, _new_bias(real_bias, z, init, generator).to(real_bias)])
+    offset = torch.full((z,), PRESERVE_LOGIT if init == "preserve" else 0.0) if spec.zero_logit_bias else None
+    return RouterRows(
+        weight=torch.cat([real_rows, new_rows.to(real_rows)]), selection_bias=bias, zero_logit_bias=offset
+    )
+
+
+def _new_bias(real_bias: torch.Tensor, z: int, init: ZeroInit, generator: torch.Generator) -> torch.Tensor:
+    """[Z] selection bias of the zero rows: drawn from the real biases' mean and std, or 2 below their minimum."""
+    if init == "gaussian":
+        bias_std, bias_mean = torch.std_mean(real_bias.cpu())
+        return bias_mean + bias_std * torch.randn(z, generator=generator)
+    return (real_bias.min() - 2.0).expand(z)
+
+
+@torch.no_grad()
+def _init_zero_rows(
+    gate: ZeroExpertRouter, old_gate: nn.Module, spec: RoutingSpec, init: ZeroInit, generator: torch.Generator
+) -> None:
+    rows = widen_router(
+        old_gate.weight, old_gate.e_score_correction_bias if spec.selection_bias else None, spec, init, generator
+    )
+    for name, tensor in rows.tensors().items():
+        getattr(gate, name).copy_(tensor)
 
 
 @torch.no_grad()
