@@ -140,6 +140,7 @@ def markdown(config: dict, results: dict, command: str) -> str:
     off, on = results["off"], results["queue"]
     return "\n".join(
         [
+            f"<!-- {MARKER} -->",
             f"## Compute dial under overload (CPU, {date.today().isoformat()})",
             "",
             f"Command: `{command}`. Model `{config['model']}`, torch engine on {config['machine']}, "
@@ -155,6 +156,7 @@ def markdown(config: dict, results: dict, command: str) -> str:
             f"tokens/s x{on['tokens_per_s'] / off['tokens_per_s']:.2f}, "
             f"429s {off['refused_429']} -> {on['refused_429']}, "
             f"accuracy {off['accuracy']:.3f} -> {on['accuracy']:.3f} with the adaptive mode on.",
+            f"<!-- /{MARKER} -->",
         ]
     )
 
