@@ -1,6 +1,7 @@
 """``zeda compare`` on the small models: every method measured by the same code, the report, bad input."""
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import pytest
 from zeda_cli.main import main
 from zeda_core.errors import ZedaError
 from zeda_trainer.common.loop import OptimConfig
-from zeda_trainer.measure.compare import CompareConfig, Point, run_compare
+from zeda_trainer.measure.compare import CompareConfig, Point, reused_points, run_compare
 from zeda_trainer.measure.compare_report import baseline_accuracy_at, margins, write_report
 from zeda_trainer.stages.adamoe import AdaMoeConfig
 
@@ -101,3 +102,17 @@ def test_bad_input_is_refused_with_a_clear_message(
         run_compare(config)
     assert main(["compare", "--teacher", str(small_teacher), "--zeda", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_reused_points_are_kept_unless_measured_again(tmp_path: Path) -> None:
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(
+        json.dumps({"points": [asdict(_point("top-p", "p 0.5", 0.3, 0.7)), asdict(_point("zeda", "z", 0.6, 0.7))]})
+    )
+    second.write_text(json.dumps({"points": [asdict(_point("top-p", "p 0.5", 0.3, 0.9))]}))
+    kept = reused_points([first, second])
+    assert [(p.method, p.accuracy) for p in kept] == [("top-p", 0.9), ("zeda", 0.7)]
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"rows": []}')
+    with pytest.raises(ZedaError, match=r"bad\.json does not hold compare points"):
+        reused_points([bad])

@@ -18,6 +18,7 @@ the frozen original). Methods and their knobs:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from transformers import AutoTokenizer
 
 from zeda_core.baselines import calibrate_dynamic_skip, dynamic_skip, routing_rule, top_p_routing
 from zeda_core.checkpoint import load_model, resolve_checkpoint
+from zeda_core.errors import ZedaError
 from zeda_core.flops import FlopModel
 from zeda_core.losses import per_token_forward_kl, token_logprobs
 from zeda_core.model_queries import model_spec
@@ -65,6 +67,7 @@ class CompareConfig(BaseModel):
     adamoe: AdaMoeConfig = AdaMoeConfig()
     dial: list[float] = [-2.0, -1.0, -0.5, 0.5, 1.0]
     dial_model: Path | None = None
+    reuse_points: list[Path] = []  # compare.json files whose points are kept unless measured again
 
 
 @dataclass
@@ -166,7 +169,12 @@ class Bench:
 
 
 def run_compare(config: CompareConfig) -> list[Point]:
-    """Measure every point (the teacher, each ZEDA model, every baseline knob), in that order."""
+    """Measure every point (the teacher, each ZEDA model, every baseline knob), in that order.
+
+    Points of ``reuse_points`` (earlier runs on the same items) come first, except those this run
+    measures again (same method and knob), which take their place.
+    """
+    reused = reused_points(config.reuse_points)
     for path in config.zeda:
         resolve_checkpoint(path)
     bench = Bench(config)
@@ -181,7 +189,25 @@ def run_compare(config: CompareConfig) -> list[Point]:
         else:
             with routing_rule(model, rule):
                 points.append(bench.measure(model, method, knob, name, bias))
-    return points
+    measured = {(p.method, p.knob) for p in points}
+    return [p for p in reused if (p.method, p.knob) not in measured] + points
+
+
+def reused_points(paths: list[Path]) -> list[Point]:
+    """The points of earlier ``compare.json`` files, later files replacing earlier ones' (method, knob).
+
+    Raises:
+        ZedaError: a file is missing or does not hold compare points.
+    """
+    kept: dict[tuple[str, str], Point] = {}
+    for path in paths:
+        try:
+            rows = json.loads(Path(path).read_text())["points"]
+            points = [Point(**row) for row in rows]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ZedaError(f"reuse_points: {path} does not hold compare points ({exc})") from exc
+        kept.update({(p.method, p.knob): p for p in points})
+    return list(kept.values())
 
 
 def _jobs(config: CompareConfig) -> list[tuple]:
