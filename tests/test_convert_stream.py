@@ -148,6 +148,17 @@ def test_sigmoid_family_widens_its_selection_bias(init: str, deepseek_source: Pa
         assert all(torch.equal(tensor, expected[k]) for k, tensor in converted.state_dict().items())
 
 
+def test_legacy_key_names_stay_legacy(tmp_path: Path) -> None:
+    """Mixtral as transformers saves it (``block_sparse_moe.experts.{e}.w1``): the family's renames find the router."""
+    model = tiny_model("mixtral")
+    model.save_pretrained(tmp_path / "source", max_shard_size="60KB")
+    convert_checkpoint(tmp_path / "source", tmp_path / "zeda", Z, init="preserve")
+    weight_map = json.loads((tmp_path / "zeda" / INDEX).read_text())["weight_map"]
+    assert "model.layers.1.block_sparse_moe.gate.zero_logit_bias" in weight_map
+    assert "model.layers.1.block_sparse_moe.experts.7.w3.weight" in weight_map
+    torch.testing.assert_close(logits(load_model(tmp_path / "zeda")), logits(model), rtol=0, atol=1e-5)
+
+
 def test_dtype_casts_like_loading_in_that_dtype(qwen_source: Path, tmp_path: Path) -> None:
     convert_checkpoint(qwen_source, tmp_path / "zeda", Z, init="gaussian", dtype=torch.bfloat16)
     reference = load_model(qwen_source, dtype=torch.bfloat16, zero_aware=False)

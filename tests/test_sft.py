@@ -137,7 +137,7 @@ def test_length_chunked_loss_equals_one_forward(small_teacher: Path, per_sequenc
     assert metrics == pytest.approx(one_metrics, rel=1e-5, abs=1e-6)
     assert len(grads) == len(one_grads)
     for grad, one_grad in zip(grads, one_grads, strict=True):
-        torch.testing.assert_close(grad, one_grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(grad, one_grad, rtol=1e-4, atol=1e-5)  # summation order differs by CPU kernel
 
 
 def test_left_padded_batch_is_refused(small_teacher: Path) -> None:

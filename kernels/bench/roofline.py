@@ -128,6 +128,8 @@ def measure(shape_name: str, tokens: int, repeats: int) -> dict:
     stream_ms = weight_bytes / (bandwidth * 1e9) * 1000
     paths = {}
     for path, prepacked, dtype in PATHS:
+        if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            continue  # oneDNN's bf16 linear needs AVX-512 (bw/vl/dq) or AVX-NE-CONVERT; this CPU has neither
         ms, ratio = interleaved_ms(expert_passes(shape, [1, rows_half, rows_dense], prepacked, dtype), repeats)
         paths[path] = {
             "dtype": str(dtype).removeprefix("torch."),
