@@ -62,6 +62,7 @@ class RoutingRecorder:
         self.keep_probs = keep_probs
         self.replay = dict(replay or {})
         self.zero_offsets = zero_offsets
+        self._token_offsets: torch.Tensor | None = None
         self.layers: list[LayerRouting] = []
 
     def token_zero_offsets(self, batch: int, seq: int) -> torch.Tensor | None:
@@ -70,7 +71,9 @@ class RoutingRecorder:
             return None
         if self.zero_offsets.shape != (batch,):
             raise ZedaError(f"zero_offsets are {list(self.zero_offsets.shape)}, batch has {batch} rows")
-        return self.zero_offsets.float().repeat_interleave(seq)
+        if self._token_offsets is None or self._token_offsets.numel() != batch * seq:
+            self._token_offsets = self.zero_offsets.float().repeat_interleave(seq)  # once per forward, not per layer
+        return self._token_offsets
 
     def forced_ids(self, layer_idx: int, batch: int, seq: int) -> torch.Tensor | None:
         """[B*S, K] ids recorded for this layer, or None when not replaying it."""

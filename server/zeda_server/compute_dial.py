@@ -140,7 +140,6 @@ class ComputeDial:
         self.max_load_offset = max_load_offset
         self.window = SlotWindow(window_tokens)
         self.interval = SlotWindow(control_tokens)
-        self.control_tokens = control_tokens
         self.controller = controller or PiController(
             kp=0.5, ki=1.0, max_step=0.5, low=-TARGET_OFFSET_LIMIT, high=TARGET_OFFSET_LIMIT
         )
@@ -169,7 +168,7 @@ class ComputeDial:
             return
         self.interval.add(report.tokens, report.real_slots, report.zero_slots)
         measured = self.interval.zero_ratio
-        if self.interval.tokens < self.control_tokens or measured is None:
+        if self.interval.tokens < self.interval.max_tokens or measured is None:
             return
         self.interval.clear()
         if self.load_offset == 0.0:  # hold still while the load part is raised
