@@ -13,14 +13,21 @@ the frozen original). Methods and their knobs:
 - ``dynamic-skip``: the original model, beta per layer at a quantile of the calibration ratios;
 - ``top-p``: the original model, cumulative-probability threshold p;
 - ``adamoe``: the original model with Z null experts and a raised top-k, fine-tuned with a
-  load-balance loss (trained here, once per Z, and reused from ``work_dir``).
+  load-balance loss on ZEDA stage 1's data (the teacher's rollouts of the SFT prompts and the
+  training text, batch for batch); trained here, once per Z, and reused from ``work_dir``;
+- ``adamoe-labels``: the same, fine-tuned on the labelled pretraining documents instead (the
+  ground-truth answers of the skills training split): data ZEDA never sees.
+
+Every accuracy comes with its 95 % interval, and every point keeps which items it got right, so
+that the report can compare two methods item by item (a paired test, ``stats``).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -39,12 +46,14 @@ from zeda_trainer.data.tokenizer import require_same_tokenizer
 from zeda_trainer.measure.evaluate import (
     EvalItem,
     RoutingTally,
+    answer_items,
+    by_skill,
     limit_per_skill,
     load_eval_set,
-    skill_accuracy,
     text_windows,
     windowed_logits,
 )
+from zeda_trainer.measure.stats import stratified_mean
 from zeda_trainer.stages.adamoe import AdaMoeConfig, train_adamoe
 
 
@@ -57,14 +66,22 @@ class CompareConfig(BaseModel):
     data_dir: Path = Path("build/data")
     out: Path = Path("docs/compare")
     work_dir: Path = Path("build/compare")
+    eval_sets: list[Literal["test", "validation"]] = Field(default=["test"], min_length=1)
+    """Skills splits the greedy answers are scored on, in this order (both are held out of every
+    training set; 200 items per skill each)."""
     eval_per_skill: int = Field(default=50, ge=1)
+    """Items per skill, taken from the first of ``eval_sets`` first."""
     max_new_tokens: int = Field(default=64, ge=1)
     text_windows: int = Field(default=48, ge=1)
     calibration_blocks: int = Field(default=32, ge=1)
     dynamic_skip_quantiles: list[float] = [0.25, 0.5, 0.75, 0.9]
     top_p: list[float] = [0.5, 0.6, 0.7, 0.8, 0.9]
     adamoe_null_experts: list[int] = [4, 8, 16]
-    adamoe: AdaMoeConfig = AdaMoeConfig()
+    adamoe: AdaMoeConfig = AdaMoeConfig(data="rollouts")
+    """Same-data AdaMoE's recipe (``data`` is set to ``rollouts``; prompts and text come from ``data_dir``)."""
+    adamoe_labels_null_experts: list[int] = []
+    adamoe_labels: AdaMoeConfig = AdaMoeConfig(data="labels")
+    """``adamoe-labels``' recipe (``data`` is set to ``labels``)."""
     dial: list[float] = [-2.0, -1.0, -0.5, 0.5, 1.0]
     dial_model: Path | None = None
     reuse_points: list[Path] = []  # compare.json files whose points are kept unless measured again
@@ -80,7 +97,10 @@ class Point:
             validation text. Relative to the original top-k, so a method that raises k (AdaMoE)
             pays for its extra slots.
         real_experts: real experts computed per token and MoE layer on the skills traffic.
-        accuracy: mean skill accuracy over skills, on ``items`` eval items.
+        accuracy: mean skill accuracy over skills, on ``items`` eval items; ``accuracy_low`` and
+            ``accuracy_high`` its 95 % interval (stratified by skill, :mod:`stats`).
+        correct: skill -> one character per eval item, in eval-set order: ``1`` answered right, ``0`` not
+            (what the paired margins are computed from).
         kl: mean per-token KL(teacher || model) in nats on the validation text; ``perplexity`` on
             that text.
     """
@@ -95,6 +115,13 @@ class Point:
     perplexity: float
     model: str
     items: int = 0
+    accuracy_low: float | None = None
+    accuracy_high: float | None = None
+    correct: dict[str, str] = field(default_factory=dict)
+
+    def scores(self) -> dict[str, list[float]]:
+        """skill -> 0/1 per eval item (empty for points measured before items were kept)."""
+        return {skill: [float(c == "1") for c in bits] for skill, bits in self.correct.items()}
 
 
 class Bench:
@@ -104,7 +131,9 @@ class Bench:
         self.config = config
         self.teacher_path = resolve_checkpoint(config.teacher)
         self.tokenizer = AutoTokenizer.from_pretrained(self.teacher_path)
-        items = load_eval_set(config.data_dir / "skills" / "test.jsonl")
+        items = [
+            item for name in config.eval_sets for item in load_eval_set(config.data_dir / "skills" / f"{name}.jsonl")
+        ]
         self.items: list[EvalItem] = limit_per_skill(items, config.eval_per_skill)
         texts = [row["text"] for row in read_jsonl(config.data_dir / "text" / "validation.jsonl")]
         self.windows = text_windows(self.tokenizer, texts)[: config.text_windows]
@@ -124,7 +153,7 @@ class Bench:
     ) -> Point:
         """One point: ``model`` (at compute dial ``zero_expert_bias``, logits) on the skills and the text windows."""
         tally = RoutingTally(FlopModel.from_model(model))
-        skills = skill_accuracy(
+        answers = answer_items(
             model,
             self.tokenizer,
             self.items,
@@ -132,6 +161,8 @@ class Bench:
             max_new_tokens=self.config.max_new_tokens,
             zero_expert_bias=zero_expert_bias,
         )
+        skills = by_skill(self.items, answers)
+        accuracy = stratified_mean({skill: [float(a) for a in right] for skill, right in skills.items()})
         nll, kl, tokens = 0.0, 0.0, 0
         scored = windowed_logits(model, self.windows, self.pad_id, tally, "text", zero_expert_bias=zero_expert_bias)
         for (logits, ids, mask), teacher in zip(scored, self.teacher_logprobs, strict=True):
@@ -148,11 +179,14 @@ class Bench:
             flops_saved=1.0 - skills_experts / top_k,
             flops_saved_text=1.0 - text_experts / top_k,
             real_experts=skills_experts,
-            accuracy=sum(s["accuracy"] for s in skills.values()) / len(skills),
+            accuracy=accuracy.mean,
             kl=kl / tokens,
             perplexity=float(torch.tensor(nll / tokens).exp()),
             model=name,
             items=len(self.items),
+            accuracy_low=accuracy.low,
+            accuracy_high=accuracy.high,
+            correct={skill: "".join("1" if a else "0" for a in right) for skill, right in skills.items()},
         )
 
     def real_experts(self, tally: RoutingTally, domains: list[str]) -> float:
@@ -239,9 +273,9 @@ def _jobs(config: CompareConfig) -> list[tuple]:
 
         return build
 
-    def adamoe(null_experts: int):
+    def adamoe(null_experts: int, data: str):
         def build(bench: Bench):
-            path = adamoe_model(config, null_experts)
+            path = adamoe_model(config, null_experts, data)
             require_same_tokenizer(bench.tokenizer, path, "AdaMoE model", "teacher")
             return load_model(path), str(path), None, 0.0
 
@@ -255,24 +289,39 @@ def _jobs(config: CompareConfig) -> list[tuple]:
         *dial,
         *[("dynamic-skip", f"quantile {q}", skipping(q)) for q in config.dynamic_skip_quantiles],
         *[("top-p", f"p {p}", top_p(p)) for p in config.top_p],
-        *[("adamoe", f"Z {z}, k {config.adamoe.top_k}", adamoe(z)) for z in config.adamoe_null_experts],
+        *[("adamoe", f"Z {z}, k {config.adamoe.top_k}", adamoe(z, "rollouts")) for z in config.adamoe_null_experts],
+        *[
+            ("adamoe-labels", f"Z {z}, k {config.adamoe_labels.top_k}", adamoe(z, "labels"))
+            for z in config.adamoe_labels_null_experts
+        ],
     ]
 
 
-def adamoe_model(config: CompareConfig, null_experts: int) -> Path:
-    """The AdaMoE checkpoint with ``null_experts`` null experts, trained into ``work_dir`` if missing."""
-    name = f"adamoe-z{null_experts}-k{config.adamoe.top_k}"
+def adamoe_model(config: CompareConfig, null_experts: int, data: str) -> Path:
+    """The AdaMoE checkpoint with ``null_experts`` null experts fine-tuned on ``data`` (``rollouts``:
+    the same-data recipe ``adamoe``; ``labels``: ``adamoe_labels``), trained into ``work_dir`` if missing.
+
+    The same-data runs share one rollout cache, ``work_dir/rollouts.jsonl``.
+    """
+    recipe = config.adamoe if data == "rollouts" else config.adamoe_labels
+    prefix = "adamoe" if data == "rollouts" else "adamoe-labels"
+    name = f"{prefix}-z{null_experts}-k{recipe.top_k}"
     out = config.work_dir / name
     if (out / "config.json").is_file():
         return out
     run_dir = config.work_dir / f"{name}-run"
-    recipe = config.adamoe.model_copy(
-        update={
-            "teacher": config.teacher,
-            "data_dir": config.data_dir,
-            "num_null_experts": null_experts,
-            "run_dir": run_dir,
-            "out": out,
+    update = {
+        "teacher": config.teacher,
+        "data": data,
+        "data_dir": config.data_dir,
+        "num_null_experts": null_experts,
+        "run_dir": run_dir,
+        "out": out,
+    }
+    if data == "rollouts":
+        update |= {
+            "prompts": config.data_dir / "prompts" / "sft.jsonl",
+            "rollout_cache": config.work_dir / "rollouts.jsonl",
+            "text": recipe.text.model_copy(update={"path": config.data_dir / "text" / "train.jsonl"}),
         }
-    )
-    return train_adamoe(recipe, resume=bool(complete_checkpoints(run_dir)))
+    return train_adamoe(recipe.model_copy(update=update), resume=bool(complete_checkpoints(run_dir)))

@@ -13,13 +13,13 @@ import html
 import io
 import itertools
 import json
-import math
 from dataclasses import asdict, dataclass
 
 from zeda_core.atomic import atomic_write_text
 from zeda_trainer.measure.compare import CompareConfig, Point
+from zeda_trainer.measure.stats import DECISIVE_Z, paired_difference
 
-BASELINES = ("dynamic-skip", "top-p", "adamoe")
+BASELINES = ("dynamic-skip", "top-p", "adamoe", "adamoe-labels")
 COLOURS = {
     "teacher": "#444444",
     "zeda": "#d62728",
@@ -27,12 +27,17 @@ COLOURS = {
     "dynamic-skip": "#1f77b4",
     "top-p": "#2ca02c",
     "adamoe": "#9467bd",
+    "adamoe-labels": "#c5b0d5",
 }
 
 
 @dataclass(frozen=True)
 class Margin:
-    """ZEDA model ``zeda`` against one baseline at the ZEDA model's FLOP saving."""
+    """ZEDA model ``zeda`` against one baseline at the ZEDA model's FLOP saving.
+
+    ``difference_se`` is the paired standard error of ``margin`` (None for points measured
+    without their items); ``z`` the margin in those standard errors.
+    """
 
     zeda: str
     baseline: str
@@ -40,43 +45,84 @@ class Margin:
     zeda_accuracy: float
     baseline_accuracy: float
     how: str
+    difference_se: float | None = None
+    z: float | None = None
 
     @property
     def margin(self) -> float:
         return self.zeda_accuracy - self.baseline_accuracy
 
+    @property
+    def decisive(self) -> bool | None:
+        """|z| > 2 (None without a paired standard error)."""
+        return None if self.z is None else abs(self.z) > DECISIVE_Z
 
-def baseline_accuracy_at(points: list[Point], saved: float) -> tuple[float, str]:
-    """(accuracy, how it was read) of one method's points at ``saved`` expert-FLOP share."""
+
+def baseline_at(points: list[Point], saved: float) -> tuple[list[tuple[Point, float]], str]:
+    """One method's points read at ``saved`` expert-FLOP share: (point, weight) pairs, weights
+    summing to 1 (two points when interpolated, else the nearest end), and how it was read."""
     ordered = sorted(points, key=lambda p: p.flops_saved)
     for low, high in itertools.pairwise(ordered):
         if low.flops_saved <= saved <= high.flops_saved:
             span = high.flops_saved - low.flops_saved
             t = (saved - low.flops_saved) / span if span else 0.0
-            accuracy = low.accuracy + t * (high.accuracy - low.accuracy)
-            return accuracy, f"interpolated between {low.knob} and {high.knob}"
+            return [(low, 1.0 - t), (high, t)], f"interpolated between {low.knob} and {high.knob}"
     if saved > ordered[-1].flops_saved:
         best = ordered[-1]
-        return best.accuracy, f"{best.knob}: saves only {best.flops_saved:.1%} (more FLOPs than ZEDA)"
+        return [(best, 1.0)], f"{best.knob}: saves only {best.flops_saved:.1%} (more FLOPs than ZEDA)"
     first = ordered[0]
-    return first.accuracy, f"{first.knob}: saves {first.flops_saved:.1%} (fewer FLOPs than ZEDA)"
+    return [(first, 1.0)], f"{first.knob}: saves {first.flops_saved:.1%} (fewer FLOPs than ZEDA)"
+
+
+def baseline_accuracy_at(points: list[Point], saved: float) -> tuple[float, str]:
+    """(accuracy, how it was read) of one method's points at ``saved`` expert-FLOP share."""
+    weighted, how = baseline_at(points, saved)
+    return sum(w * p.accuracy for p, w in weighted), how
 
 
 def margins(points: list[Point]) -> list[Margin]:
-    """ZEDA's accuracy margin over each baseline, for every ZEDA point."""
+    """ZEDA's accuracy margin over each baseline, for every ZEDA point, with its paired standard
+    error where every point involved kept its items (the baseline's per-item scores interpolated
+    with the same weights as its accuracy)."""
     result = []
     for zeda in (p for p in points if p.method == "zeda"):
         for method in BASELINES:
             own = [p for p in points if p.method == method]
-            if own:
-                accuracy, how = baseline_accuracy_at(own, zeda.flops_saved)
-                result.append(Margin(zeda.knob, method, zeda.flops_saved, zeda.accuracy, accuracy, how))
+            if not own:
+                continue
+            weighted, how = baseline_at(own, zeda.flops_saved)
+            accuracy = sum(w * p.accuracy for p, w in weighted)
+            se = z = None
+            if zeda.correct and all(p.correct for p, _ in weighted):
+                try:
+                    scores = [(p.scores(), w) for p, w in weighted]
+                    mixed = {
+                        s: [sum(w * sc[s][i] for sc, w in scores) for i in range(len(v))]
+                        for s, v in scores[0][0].items()
+                    }
+                    difference = paired_difference(zeda.scores(), mixed)
+                    se, z = difference.standard_error, difference.z
+                except (KeyError, IndexError, ValueError):
+                    se = z = None  # points of different eval sets (reused from another run): no pairing
+            result.append(Margin(zeda.knob, method, zeda.flops_saved, zeda.accuracy, accuracy, how, se, z))
     return result
+
+
+def _interval(p: Point) -> str:
+    return "-" if p.accuracy_low is None else f"{p.accuracy_low:.3f}-{p.accuracy_high:.3f}"
+
+
+def _verdict(m: Margin) -> str:
+    if m.z is None:
+        return "-"
+    if not m.decisive:
+        return "no: a tie"
+    return "yes, ZEDA ahead" if m.margin > 0 else "yes, the baseline ahead"
 
 
 def markdown_table(points: list[Point], found: list[Margin], config: CompareConfig) -> str:
     header = ["method", "knob", "expert FLOPs saved (skills)", "saved (text)", "real experts / token"]
-    header += ["mean skill accuracy"]
+    header += ["mean skill accuracy", "95 % interval", "items"]
     header += ["KL to teacher (nats/token)", "perplexity"]
     lines = [
         "| " + " | ".join(header) + " |",
@@ -85,31 +131,37 @@ def markdown_table(points: list[Point], found: list[Margin], config: CompareConf
     for p in points:
         lines.append(
             f"| {p.method} | {p.knob} | {p.flops_saved:.1%} | {p.flops_saved_text:.1%} | {p.real_experts:.2f} "
-            f"| {p.accuracy:.3f} "
+            f"| {p.accuracy:.3f} | {_interval(p)} | {p.items} "
             f"| {p.kl:.4f} | {p.perplexity:.2f} |"
         )
-    lines += ["", "| ZEDA model | baseline | at saving | ZEDA accuracy | baseline accuracy | margin | how |"]
-    lines.append("|---|---|---|---|---|---|---|")
+    lines += [
+        "",
+        "| ZEDA model | baseline | at saving | ZEDA accuracy | baseline accuracy | margin | paired SE | z "
+        "| decisive (z > 2) | how |",
+    ]
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for m in found:
+        se = "-" if m.difference_se is None else f"{m.difference_se:.3f}"
+        z = "-" if m.z is None else f"{m.z:+.1f}"
         lines.append(
             f"| {m.zeda} | {m.baseline} | {m.flops_saved:.1%} | {m.zeda_accuracy:.3f} | {m.baseline_accuracy:.3f} "
-            f"| {m.margin:+.3f} | {m.how} |"
+            f"| {m.margin:+.3f} | {se} | {z} | {_verdict(m)} | {m.how} |"
         )
     source = (
-        f"teacher `{config.teacher}`, {config.eval_per_skill} eval items per skill, {config.text_windows} text windows"
+        f"teacher `{config.teacher}`, up to {config.eval_per_skill} eval items per skill from "
+        f"{' + '.join(config.eval_sets)}, {config.text_windows} text windows"
     )
-    items = points[0].items if points else 0
-    noise = (
-        f" One accuracy over {items} items has a binomial standard error of about "
-        f"{math.sqrt(0.7 * 0.3 / items):.3f} at 0.7: a margin that small is a tie."
-        if items
-        else ""
+    note = (
+        " Intervals are 95 % (normal approximation, stratified by skill). Margins are paired: both models"
+        " answer the same items, and the standard error is that of the per-item differences; a baseline read"
+        " between two of its points has its per-item scores interpolated with the same weights."
     )
-    return "\n".join(lines) + f"\n\nMeasured on {source}.{noise}\n"
+    return "\n".join(lines) + f"\n\nMeasured on {source}.{note}\n"
 
 
 def pareto_png(points: list[Point]) -> bytes:
-    """Accuracy against the saving on the skills traffic, KL against the saving on the text it is measured on."""
+    """Accuracy (with its 95 % interval) against the saving on the skills traffic, KL against the saving
+    on the text it is measured on."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,7 +171,11 @@ def pareto_png(points: list[Point]) -> bytes:
     for method in dict.fromkeys(p.method for p in points):
         own = sorted((p for p in points if p.method == method), key=lambda p: p.flops_saved)
         style = {"color": COLOURS.get(method, "black"), "label": method, "marker": "o"}
-        left.plot([100 * p.flops_saved for p in own], [p.accuracy for p in own], **style)
+        errors = [
+            [p.accuracy - (p.accuracy_low if p.accuracy_low is not None else p.accuracy) for p in own],
+            [(p.accuracy_high if p.accuracy_high is not None else p.accuracy) - p.accuracy for p in own],
+        ]
+        left.errorbar([100 * p.flops_saved for p in own], [p.accuracy for p in own], yerr=errors, capsize=2, **style)
         right.plot([100 * p.flops_saved_text for p in own], [p.kl for p in own], **style)
     left.set(xlabel="expert FLOPs saved on the skills traffic (%)", ylabel="mean skill accuracy")
     right.set(xlabel="expert FLOPs saved on the validation text (%)", ylabel="KL(teacher || model) on that text")
@@ -165,7 +221,10 @@ def write_report(points: list[Point], config: CompareConfig) -> None:
     png = pareto_png(points)
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
-    record = {"points": [asdict(p) for p in points], "margins": [asdict(m) | {"margin": m.margin} for m in found]}
+    record = {
+        "points": [asdict(p) for p in points],
+        "margins": [asdict(m) | {"margin": m.margin, "decisive": m.decisive} for m in found],
+    }
     atomic_write_text(out / "compare.json", json.dumps(record, indent=2) + "\n")
     atomic_write_text(out / "compare.md", table)
     atomic_write_text(out / "compare.html", html_page(table, png))

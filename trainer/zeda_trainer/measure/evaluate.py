@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -25,6 +25,8 @@ from zeda_core.scoring import forward_batches, score_sequences
 from zeda_trainer.common.generation import generate
 from zeda_trainer.common.prompts import prompt_ids
 from zeda_trainer.data.packing import read_jsonl, read_user_jsonl
+
+T = TypeVar("T")
 
 SCORERS = ("exact", "regex")
 PERPLEXITY_WINDOW = 256
@@ -190,7 +192,7 @@ def limit_per_skill(items: list[EvalItem], limit: int | None) -> list[EvalItem]:
     return limited
 
 
-def skill_accuracy(
+def answer_items(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     items: list[EvalItem],
@@ -198,9 +200,9 @@ def skill_accuracy(
     batch_size: int = 64,
     max_new_tokens: int = 64,
     zero_expert_bias: float = 0.0,
-) -> dict[str, dict[str, float]]:
-    """Greedy answers to ``items`` at compute dial ``zero_expert_bias`` (logits): skill -> {accuracy, n};
-    routing goes into ``tally`` per skill."""
+) -> list[bool]:
+    """Whether each of ``items`` is answered right, greedily, at compute dial ``zero_expert_bias``
+    (logits); routing goes into ``tally`` per skill."""
     budgets = [
         min(max_new_tokens, len(tokenizer(i.answer, add_special_tokens=False).input_ids) + 8)
         if i.scorer == "exact"
@@ -216,11 +218,34 @@ def skill_accuracy(
         batch_size=batch_size,
         zero_expert_bias=zero_expert_bias,
     )
-    right: dict[str, list[bool]] = defaultdict(list)
+    correct = []
     for item, gen in zip(items, generations, strict=True):
-        right[item.skill].append(item.correct(tokenizer.decode(gen.tokens, skip_special_tokens=True)))
+        correct.append(item.correct(tokenizer.decode(gen.tokens, skip_special_tokens=True)))
         tally.add(item.skill, gen.slot_counts, gen.processed_tokens)
-    return {name: {"accuracy": sum(v) / len(v), "n": len(v)} for name, v in sorted(right.items())}
+    return correct
+
+
+def by_skill(items: list[EvalItem], values: list[T]) -> dict[str, list[T]]:
+    """skill -> the values of its items, in item order, skills sorted."""
+    grouped: dict[str, list[T]] = defaultdict(list)
+    for item, value in zip(items, values, strict=True):
+        grouped[item.skill].append(value)
+    return dict(sorted(grouped.items()))
+
+
+def skill_accuracy(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    items: list[EvalItem],
+    tally: RoutingTally,
+    batch_size: int = 64,
+    max_new_tokens: int = 64,
+    zero_expert_bias: float = 0.0,
+) -> dict[str, dict[str, float]]:
+    """Greedy answers to ``items`` at compute dial ``zero_expert_bias`` (logits): skill -> {accuracy, n};
+    routing goes into ``tally`` per skill."""
+    correct = answer_items(model, tokenizer, items, tally, batch_size, max_new_tokens, zero_expert_bias)
+    return {name: {"accuracy": sum(v) / len(v), "n": len(v)} for name, v in by_skill(items, correct).items()}
 
 
 def evaluate(

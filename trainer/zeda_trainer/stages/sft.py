@@ -283,6 +283,36 @@ def text_mix_blocks(tokenizer: PreTrainedTokenizerBase, text: TextMixConfig, see
     return pack_blocks(tokenizer, documents, text.block_size, seed)
 
 
+def rollout_text_batch(
+    accelerator: Accelerator,
+    step: int,
+    records: list[dict[str, Any]],
+    text_blocks: torch.Tensor | None,
+    batch_size: int,
+    text: TextMixConfig,
+    seed: int,
+    pad_id: int,
+) -> dict[str, torch.Tensor]:
+    """This process's share of step ``step``'s stage-1 batch: ``batch_size`` rollouts, then ``text.rows`` text blocks.
+
+    Returns :func:`collate`'s right-padded batch ([B, S] ``input_ids``, ``attention_mask``,
+    ``labels``); unless ``text.in_group_loss``, ``group_mask`` [B, S] leaves the text rows out of
+    L_GA and the r_ze metrics. The rows depend only on ``step`` and ``seed``, so every recipe that
+    reads the same rollouts and text (ZEDA stage 1, same-data AdaMoE) sees the same batches.
+    """
+    rows = process_rows(accelerator, step, batch_size, len(records), seed).tolist()
+    chosen = [records[i] for i in rows]
+    if text_blocks is not None:
+        text_rows = process_rows(accelerator, step, text.rows, len(text_blocks), seed + 1)
+        chosen += [{"prompt_ids": [], "completion_ids": text_blocks[i].tolist()} for i in text_rows.tolist()]
+    batch = collate(chosen, pad_id, accelerator.device)
+    if text_blocks is not None and not text.in_group_loss:
+        group_mask = batch["attention_mask"].clone()
+        group_mask[len(rows) :] = 0
+        batch["group_mask"] = group_mask
+    return batch
+
+
 def build_student(config: SftConfig) -> tuple[torch.nn.Module, int]:
     """(student, N): the teacher with Z zero experts injected, all or only router parameters trainable."""
     if config.zero_experts < 1:
@@ -320,16 +350,9 @@ def train_sft(config: SftConfig, resume: bool = False) -> Path:
     max_chunks = 1 if shards_parameters(accelerator) else MAX_CHUNKS
 
     def step_loss(model: torch.nn.Module, step: int, acc: Accelerator) -> tuple[torch.Tensor, dict[str, float]]:
-        rows = process_rows(acc, step, config.batch_size, len(records), config.seed).tolist()
-        chosen = [records[i] for i in rows]
-        if text_blocks is not None:
-            text_rows = process_rows(acc, step, config.text.rows, len(text_blocks), config.seed + 1)
-            chosen += [{"prompt_ids": [], "completion_ids": text_blocks[i].tolist()} for i in text_rows.tolist()]
-        batch = collate(chosen, tokenizer.pad_token_id, acc.device)
-        if text_blocks is not None and not config.text.in_group_loss:
-            group_mask = batch["attention_mask"].clone()
-            group_mask[len(rows) :] = 0
-            batch["group_mask"] = group_mask
+        batch = rollout_text_batch(
+            acc, step, records, text_blocks, config.batch_size, config.text, config.seed, tokenizer.pad_token_id
+        )
         loss, metrics = sft_loss(model, batch, num_experts, config, teacher, max_chunks, global_batch)
         return loss, metrics | {"tokens": float(batch["attention_mask"].sum())}
 
