@@ -199,3 +199,75 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(
         torch.testing.assert_close(resumed_weights[name], tensor, rtol=0, atol=1e-6, msg=name)
     # Steps 1-2 come from the checkpoint, not from a rerun that happens to end on the same weights.
     assert_resumed_exactly(logged_before_kill, tmp_path / "b", list(range(1, 13)))
+
+
+def _scored_batch(student_path: Path, teacher_path: Path, prompts_file: Path, count: int):
+    """A replayed on-policy batch of the student, scored by the real teacher, with its old log-probs."""
+    student, prompts, generations, batch = _sampled_batch(student_path, prompts_file, count, True)
+    teacher = LocalTeacher(str(teacher_path), torch.device("cpu"))
+    sequences = [p + g.tokens for p, g in zip(prompts, generations, strict=True)]
+    scores = teacher.score(sequences, [len(p) for p in prompts])
+    tokenizer = AutoTokenizer.from_pretrained(student_path)
+    num_rows = student.config.num_experts + 4
+    batch = build_batch(prompts, generations, scores, tokenizer.pad_token_id, num_rows, torch.device("cpu"))
+    with torch.no_grad():
+        batch.old_logprobs = policy_forward(student, batch, keep_probs=False)[0]
+    return student, batch
+
+
+def _reverse_kl(student: torch.nn.Module, batch) -> float:
+    """Sample estimate of KL(student || teacher) on the batch's sampled tokens, nats per token."""
+    with torch.no_grad():
+        new, _ = policy_forward(student, batch, keep_probs=False)
+    mask = batch.completion_mask
+    return float((new - batch.teacher_logprobs)[mask].mean())
+
+
+def test_an_opd_step_moves_the_student_towards_the_teacher(
+    small_student: Path, small_teacher: Path, small_data: Path
+) -> None:
+    """The advantage has the right sign: descending the clipped loss (L_GA off) lowers the reverse KL
+    of the sampled tokens, and ascending it raises it."""
+    config = OpdConfig(group_loss={"alpha": 0.0})
+    moved = {}
+    for direction in (1.0, -1.0):
+        student, batch = _scored_batch(small_student, small_teacher, small_data / "prompts" / "opd.jsonl", 8)
+        before = _reverse_kl(student, batch)
+        assert before == pytest.approx(
+            -float((batch.teacher_logprobs - batch.old_logprobs)[batch.completion_mask].mean())
+        )
+        loss, _ = opd_loss(student, batch, 8, config)
+        (direction * loss).backward()
+        with torch.no_grad():
+            for parameter in student.parameters():
+                if parameter.grad is not None:
+                    parameter -= 1e-3 * parameter.grad / (parameter.grad.norm() + 1e-12)
+        moved[direction] = _reverse_kl(student, batch) - before
+    assert moved[1.0] < 0.0 < moved[-1.0], moved
+
+
+def test_the_clip_bites_from_the_second_update_of_a_batch(
+    small_student: Path, small_teacher: Path, small_data: Path
+) -> None:
+    """With one update per batch the ratio is 1 and nothing is clipped; a second update on the same
+    batch (``updates_per_batch`` > 1) after a large step clips tokens, and clipped tokens add no gradient."""
+    student, batch = _scored_batch(small_student, small_teacher, small_data / "prompts" / "opd.jsonl", 8)
+    config = OpdConfig(group_loss={"alpha": 0.0}, clip_eps=0.05)
+    loss, metrics = opd_loss(student, batch, 8, config)
+    assert metrics["clip_fraction"] == 0.0
+    loss.backward()
+    with torch.no_grad():
+        for parameter in student.parameters():
+            if parameter.grad is not None:
+                parameter -= 0.05 * parameter.grad / (parameter.grad.norm() + 1e-12)
+                parameter.grad = None
+    loss, metrics = opd_loss(student, batch, 8, config)
+    assert 0.0 < metrics["clip_fraction"] < 1.0
+    loss.backward()
+    clipped_grads = [p.grad.clone() for p in student.parameters() if p.grad is not None]
+    student.zero_grad()
+    loss_wide, wide = opd_loss(student, batch, 8, config.model_copy(update={"clip_eps": 100.0}))
+    assert wide["clip_fraction"] == 0.0
+    loss_wide.backward()
+    wide_grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert any(not torch.allclose(a, b) for a, b in zip(clipped_grads, wide_grads, strict=True))
