@@ -38,7 +38,7 @@ zeda: $(STAMP)
 	$(VENV)/bin/zeda data build --out build/data --seed 0 --overwrite
 	$(VENV)/bin/zeda train sft --config trainer/configs/tiny-sft.yaml
 	$(VENV)/bin/zeda train opd --config trainer/configs/tiny-opd.yaml
-	$(VENV)/bin/zeda eval --model build/models/tiny-zeda --data build/data
+	$(VENV)/bin/zeda eval --model build/models/tiny-zeda --data build/data  # promote: cp -r build/models/tiny-zeda models/
 
 # Build the CPU image on a local Debian base and run it for real (docker run, drain, config errors, compose, A/B);
 # as root: it installs docker.io, debootstrap and docker-compose if missing. See docker/smoke.sh.

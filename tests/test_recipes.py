@@ -73,3 +73,33 @@ def test_multi_gpu_accelerate_configs_parse(name: str, kind: str) -> None:
 
     config = load_config_from_file(str(CONFIGS / "accelerate" / name))
     assert config.distributed_type.name == kind and config.num_processes == 8 and config.mixed_precision == "bf16"
+
+
+def test_tiny_sft_recipe_lands_its_zero_share_on_target(small_teacher: Path, small_data: Path, tmp_path: Path):
+    """`make zeda`'s stage 1 (tiny-sft.yaml) on a smaller budget (120 steps, 40-step ramp, smaller
+    batches): the training batches' zero share settles within 0.05 of the L_GA target after the ramp."""
+    sft = load_recipe(
+        SftConfig,
+        CONFIGS / "tiny-sft.yaml",
+        [
+            f"teacher={small_teacher}",
+            f"prompts={small_data / 'prompts' / 'sft.jsonl'}",
+            f"text.path={small_data / 'text' / 'train.jsonl'}",
+            f"run_dir={tmp_path / 'run'}",
+            f"out={tmp_path / 'student'}",
+            "rollout.max_new_tokens=24",
+            "batch_size=8",
+            "text.rows=4",
+            "optim.max_steps=120",
+            "zero_ramp_steps=40",  # 40 steps of 1 logit lift the zero rows from the preserve offset (-30)
+            "zero_ramp_step_size=1.0",
+            "optim.log_every=1",
+            "optim.checkpoint_every=120",
+        ],
+    )
+    train_sft(sft)
+    summary = json.loads((tmp_path / "student" / "training.json").read_text())
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    settled = [r["r_ze"] for r in records if r["step"] > 80]
+    assert len(settled) == 40
+    assert abs(sum(settled) / len(settled) - summary["target_zero_ratio"]) < 0.05
