@@ -30,7 +30,9 @@ def test_clipped_policy_loss_on_hand_values() -> None:
     assert clipped.item() == pytest.approx(2 / 3)
 
 
-def _sampled_batch(student_path: Path, prompts_file: Path, count: int, replay: bool):
+def _sampled_batch(student_path: Path, prompts_file: Path, count: int, replay: bool, teacher: Path | None = None):
+    """The student's samples of the first ``count`` prompts as an on-policy batch, scored by
+    ``teacher`` (a checkpoint) or, without one, a constant -1 per token."""
     student = load_model(student_path)
     tokenizer = AutoTokenizer.from_pretrained(student_path)
     prompts = [encode_prompt(tokenizer, p) for p in load_prompts(prompts_file)[:count]]
@@ -44,7 +46,11 @@ def _sampled_batch(student_path: Path, prompts_file: Path, count: int, replay: b
         generator=torch.Generator().manual_seed(0),
         record_routes=replay,
     )
-    teacher_scores = [[-1.0] * len(g.tokens) for g in generations]
+    if teacher is None:
+        teacher_scores = [[-1.0] * len(g.tokens) for g in generations]
+    else:
+        sequences = [p + g.tokens for p, g in zip(prompts, generations, strict=True)]
+        teacher_scores = LocalTeacher(str(teacher), torch.device("cpu")).score(sequences, [len(p) for p in prompts])
     num_rows = student.config.num_experts + 4
     batch = build_batch(prompts, generations, teacher_scores, tokenizer.pad_token_id, num_rows, torch.device("cpu"))
     return student, prompts, generations, batch
@@ -203,16 +209,19 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(
 
 def _scored_batch(student_path: Path, teacher_path: Path, prompts_file: Path, count: int):
     """A replayed on-policy batch of the student, scored by the real teacher, with its old log-probs."""
-    student, prompts, generations, batch = _sampled_batch(student_path, prompts_file, count, True)
-    teacher = LocalTeacher(str(teacher_path), torch.device("cpu"))
-    sequences = [p + g.tokens for p, g in zip(prompts, generations, strict=True)]
-    scores = teacher.score(sequences, [len(p) for p in prompts])
-    tokenizer = AutoTokenizer.from_pretrained(student_path)
-    num_rows = student.config.num_experts + 4
-    batch = build_batch(prompts, generations, scores, tokenizer.pad_token_id, num_rows, torch.device("cpu"))
+    student, _, _, batch = _sampled_batch(student_path, prompts_file, count, True, teacher_path)
     with torch.no_grad():
         batch.old_logprobs = policy_forward(student, batch, keep_probs=False)[0]
     return student, batch
+
+
+def _step_along_gradient(student: torch.nn.Module, size: float) -> None:
+    """Move every parameter by ``size`` along its own normalised negative gradient, then drop the gradient."""
+    with torch.no_grad():
+        for parameter in student.parameters():
+            if parameter.grad is not None:
+                parameter -= size * parameter.grad / (parameter.grad.norm() + 1e-12)
+                parameter.grad = None
 
 
 def _reverse_kl(student: torch.nn.Module, batch) -> float:
@@ -238,10 +247,7 @@ def test_an_opd_step_moves_the_student_towards_the_teacher(
         )
         loss, _ = opd_loss(student, batch, 8, config)
         (direction * loss).backward()
-        with torch.no_grad():
-            for parameter in student.parameters():
-                if parameter.grad is not None:
-                    parameter -= 1e-3 * parameter.grad / (parameter.grad.norm() + 1e-12)
+        _step_along_gradient(student, 1e-3)
         moved[direction] = _reverse_kl(student, batch) - before
     assert moved[1.0] < 0.0 < moved[-1.0], moved
 
@@ -256,11 +262,7 @@ def test_the_clip_bites_from_the_second_update_of_a_batch(
     loss, metrics = opd_loss(student, batch, 8, config)
     assert metrics["clip_fraction"] == 0.0
     loss.backward()
-    with torch.no_grad():
-        for parameter in student.parameters():
-            if parameter.grad is not None:
-                parameter -= 0.05 * parameter.grad / (parameter.grad.norm() + 1e-12)
-                parameter.grad = None
+    _step_along_gradient(student, 0.05)
     loss, metrics = opd_loss(student, batch, 8, config)
     assert 0.0 < metrics["clip_fraction"] < 1.0
     loss.backward()
