@@ -203,6 +203,25 @@ def test_preserve_round_trip(tmp_path: Path, model_type: str) -> None:
     assert json.loads((path / "config.json").read_text())["zeda_zero_logit_bias"] == has_offset
 
 
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "glm4_moe_lite"])
+def test_router_weights_are_checked_against_the_config_from_the_headers_only(tmp_path: Path, model_type: str) -> None:
+    model = tiny_model(model_type)
+    inject_zero_experts(model, 4, init="preserve")
+    path = save_model(model, tmp_path / "ok")
+    checkpoint_module.check_router_weights(path)  # what save_model writes matches its config
+    config = json.loads((path / "config.json").read_text())
+    offset = config["zeda_zero_logit_bias"]
+    config["zeda_zero_logit_bias"] = not offset  # a hand-edited config: the weights no longer match it
+    (path / "config.json").write_text(json.dumps(config))
+    word = "unexpected" if offset else "missing"
+    with pytest.raises(ZedaError, match=rf"router weights do not match the config \({word} \[.*gate\.zero_logit_bias"):
+        checkpoint_module.check_router_weights(path)
+    config["zeda_zero_logit_bias"], config["zce_nums"] = offset, [3]  # one zero row fewer: the same names
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ZedaError, match=r"mlp\.gate\.weight has shape \[12, 32\], the config implies \[11, 32\]"):
+        checkpoint_module.check_router_weights(path)
+
+
 def test_written_checkpoint_and_files_are_readable_by_others(tmp_path: Path) -> None:
     """Temporary files and directories are private; what appears at the target is not (umask 022:
     0755 directories, 0644 files), so a server under another account can load the model."""

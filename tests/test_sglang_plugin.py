@@ -18,6 +18,7 @@ from sglang_guard import sglang_marks
 from zeda_core import ZedaError, inject_zero_experts, load_model, save_model
 from zeda_core.families import FAMILIES
 from zeda_core.flops import FlopModel
+from zeda_core.moe import ZeroExpertRouter
 from zeda_core.routing import route
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,10 +107,14 @@ def test_zero_aware_topk_routes_like_zeda_core_and_skips_zero_slots() -> None:
     from zeda_server.sglang_models.zero_aware import ZeroAwareTopK, routing_spec_of
 
     spec = routing_spec_of(AutoConfig.from_pretrained(TINY_ZEDA))
-    logits = torch.randn(64, spec.num_rows, generator=torch.Generator().manual_seed(0))
-    logits[:8, spec.num_experts :] += 10.0  # these tokens pick zero slots only
-    output = ZeroAwareTopK(spec, layer_id=0)(torch.zeros(64, 128), logits)
-    expected = route(logits, spec)
+    assert spec.zero_logit_bias  # the committed model's zero rows carry a logit offset: it must be applied
+    gate = next(m for m in load_model(TINY_ZEDA, dtype=torch.float32).modules() if isinstance(m, ZeroExpertRouter))
+    hidden = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+    hidden[:8] = 0.0  # these tokens' logits are the zero rows' offset only: they pick zero slots
+    topk = ZeroAwareTopK(spec, layer_id=0)
+    topk.zero_logit_bias.data.copy_(gate.zero_logit_bias.detach())
+    output = topk(hidden, hidden @ gate.weight.detach().T)  # SGLang's gate has no offset: the top-k adds it
+    expected = gate(hidden)
     zero = expected.zero_mask
     assert output.topk_ids.dtype == torch.int32
     assert (output.topk_ids[zero] == -1).all() and (output.topk_weights[zero] == 0).all()

@@ -234,7 +234,7 @@ def swap_candidates(tmp_path_factory) -> dict[str, Path]:
     model = load_model(TINY_ZEDA)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
+            if name.endswith(("mlp.gate.weight", "mlp.gate.zero_logit_bias")):  # every router weight
                 param.add_(0.5 * torch.randn(param.shape, generator=generator))
     router = save_model(model, root / "router", side_files_from=TINY_ZEDA)
     with torch.no_grad():

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from accelerate import init_empty_weights
 from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
@@ -38,6 +39,7 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 SIDE_FILES = re.compile(
     r"^(tokenizer.*|special_tokens_map\.json|vocab\..*|merges\.txt|chat_template\..*|generation_config\.json)$"
 )
+ROUTER_KEY = re.compile(r"\.mlp\.gate\.\w+$")  # a router weight: its rows, selection bias, zero-row offset
 _EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<idx>\d+)\.(?P<proj>\w+)\.weight$")
 _ALIGNMENT = 64
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -124,6 +126,43 @@ def load_model(
     if dtype is not None:
         model.to(dtype)
     return model.to(device).eval()
+
+
+def check_router_weights(path_or_id: str | os.PathLike[str]) -> None:
+    """Refuse a checkpoint whose router weights (``*.mlp.gate.*``) are not the ones its config implies,
+    by name and shape (N + Z gate rows, the zero rows' offset, the selection bias).
+
+    Reads safetensors headers only (no tensor data), so it is cheap on any model
+    size: a serving backend that loads weights by name (SGLang's skips names it does not know)
+    runs it before it starts.
+
+    Raises:
+        ZedaError: a router weight the config implies is missing, one it does not imply is there
+            (e.g. ``zero_logit_bias`` under a config that says ``zeda_zero_logit_bias: false``), or
+            one has another shape.
+    """
+    checkpoint = resolve_checkpoint(path_or_id)
+    raw = read_config(checkpoint)
+    family = family_for_config(raw)
+    model = empty_model(raw)
+    inject_zero_experts(model, read_num_zero_experts(raw), init=None)
+    expected = {key: list(t.shape) for key, t in model.state_dict().items() if ROUTER_KEY.search(key)}
+    stored: dict[str, list[int]] = {}
+    for shard in weight_files(checkpoint):
+        try:
+            with safe_open(shard, framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                    if ROUTER_KEY.search(key):
+                        stored[canonical_key(key, family)] = list(handle.get_slice(key).get_shape())
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise ZedaError(f"cannot read weights {shard}: {exc}") from exc
+    missing, unexpected = sorted(expected.keys() - stored.keys()), sorted(stored.keys() - expected.keys())
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise ZedaError(f"{checkpoint}: router weights do not match the config ({detail})")
+    for key, shape in expected.items():
+        if stored[key] != shape:
+            raise ZedaError(f"{checkpoint}: {key} has shape {stored[key]}, the config implies {shape}")
 
 
 def empty_model(raw: dict[str, Any], attn_implementation: str | None = None) -> PreTrainedModel:

@@ -15,7 +15,7 @@ from torch import nn
 
 from zeda_core.experts import MoeExpertsBackend, torch_experts
 from zeda_core.recording import active_recorder
-from zeda_core.routing import Routing, route
+from zeda_core.routing import Routing, add_to_zero_columns, route
 from zeda_core.spec import RoutingSpec
 
 
@@ -40,8 +40,7 @@ class ZeroExpertRouter(nn.Module):
         """[T, H] -> [T, N + Z] float32 router logits."""
         logits = F.linear(hidden_states.float(), self.weight.float())
         if self.spec.zero_logit_bias:
-            n = self.spec.num_experts
-            logits = torch.cat([logits[:, :n], logits[:, n:] + self.zero_logit_bias], dim=-1)
+            logits = add_to_zero_columns(logits, self.zero_logit_bias, self.spec.num_experts)
         return logits
 
     def forward(

@@ -76,7 +76,7 @@ def route(
 
     if spec.score_func == "softmax":
         if dialled:
-            logits = _offset_zero_columns(logits, zero_offset, spec)
+            logits = add_to_zero_columns(logits, zero_offset[:, None], spec.num_experts)
         scores = torch.softmax(logits, dim=-1)
         probs = scores
         choice = scores
@@ -86,7 +86,7 @@ def route(
         choice = scores + selection_bias.float() if selection_bias is not None else scores
         choice = _limit_groups(choice, spec)
         if dialled:
-            choice = _offset_zero_columns(choice, zero_offset, spec)
+            choice = add_to_zero_columns(choice, zero_offset[:, None], spec.num_experts)
         if masked:
             choice = _mask_zero_columns(choice, spec)
 
@@ -104,10 +104,14 @@ def route(
     return Routing(topk_ids=topk_ids, topk_weights=weights, zero_mask=zero_mask, probs=probs)
 
 
-def _offset_zero_columns(values: torch.Tensor, offset: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
-    """[T, N + Z] -> same, with each token's ``offset`` [T] added to its zero columns."""
-    n = spec.num_experts
-    return torch.cat([values[:, :n], values[:, n:] + offset.to(values)[:, None]], dim=-1)
+def add_to_zero_columns(values: torch.Tensor, offset: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[T, N + Z] -> same, with ``offset`` added to the zero columns (those from ``num_experts`` on).
+
+    ``offset`` is [T, 1] (one value per token: the compute dial) or [Z] (one per zero row: a
+    router's ``zero_logit_bias``); it is cast to ``values``' dtype.
+    """
+    n = num_experts
+    return torch.cat([values[:, :n], values[:, n:] + offset.to(values)], dim=-1)
 
 
 def _mask_zero_columns(values: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:

@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import re
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from zeda_core.checkpoint import read_config, read_state, resolve_checkpoint, tied_keys
+from zeda_core.checkpoint import ROUTER_KEY, read_config, read_state, resolve_checkpoint, tied_keys
 from zeda_core.errors import ZedaError
 from zeda_core.model_queries import model_spec, spec_from_config
 from zeda_core.spec import RoutingSpec
 from zeda_server.versions import ModelVersion, checkpoint_fingerprint, router_fingerprint
 
 Scope = Literal["router", "all"]
-ROUTER_KEY = re.compile(r"\.mlp\.gate\.\w+$")
 SMOKE_PROMPT = "Hello"
 SMOKE_TOKENS = 4
 

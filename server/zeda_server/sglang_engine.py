@@ -29,7 +29,11 @@ non-zero total offset salt SGLang's prefix cache with it, so cached KV is only r
 requests routed alike. Weight updates (hot-swaps and the dial) run one at a time.
 
 A dead SGLang subprocess (SGLang's watchdog sends SIGQUIT) is reported through
-:meth:`SglangEngine.on_failure`, as the torch engine reports a dead engine thread.
+:meth:`SglangEngine.on_failure`, as the torch engine reports a dead engine thread. One that dies
+while SGLang starts (its error is in the log) makes the engine raise :class:`ZedaError`, with the
+other subprocesses stopped, instead of SGLang's launch handler killing the whole process tree.
+Before SGLang starts, the checkpoint's router weights are checked against its config
+(:func:`~zeda_core.checkpoint.check_router_weights`): SGLang's loader skips names it does not know.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import os
 import signal
 import tempfile
 from collections.abc import AsyncIterator, Callable
@@ -49,7 +55,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from zeda_core.chat import chat_prompt_ids
-from zeda_core.checkpoint import read_state, resolve_checkpoint
+from zeda_core.checkpoint import check_router_weights, read_state, resolve_checkpoint
 from zeda_core.errors import ZedaError
 from zeda_core.flops import FlopModel, FlopReport, expert_slot_flops, flop_report
 from zeda_server.candidates import SMOKE_PROMPT, CandidateRejected, Scope, candidate_weights
@@ -63,6 +69,19 @@ from zeda_server.text_stream import TextStream
 from zeda_server.versions import VersionInfo, checkpoint_fingerprint, describe_versions, router_fingerprint
 
 CPU_KV_TOKENS_CAP = 65_536
+CUSTOM_HANDLER_NOTICE = "Using custom SIGQUIT handler"
+
+
+def _launch_phase_sigquit(signum: int, frame: FrameType | None) -> None:
+    """SIGQUIT while SGLang starts: a subprocess failed. ``sglang.Engine`` then raises by itself (its
+    scheduler pipe closes), so nothing is done here; SGLang's own handler would SIGKILL this process."""
+
+
+class _DropNotice(logging.Filter):
+    """Drops SGLang's error-level notice that a custom SIGQUIT handler is in use (it is ZEDA's)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(CUSTOM_HANDLER_NOTICE)
 
 
 def moe_layer_indices(config: Any) -> list[int]:
@@ -149,7 +168,7 @@ def engine_arguments(
             args["dtype"] = dtype
         if max_total_tokens is not None:
             args["max_total_tokens"] = max_total_tokens
-    fixed = {"enable_return_routed_experts", "disable_shared_experts_fusion"}
+    fixed = {"enable_return_routed_experts", "disable_shared_experts_fusion", "custom_sigquit_handler"}
     refused = sorted(fixed & set(extra))
     if refused:
         raise ZedaError(f"--sglang-arg {refused[0]} cannot be changed: the ZEDA backend needs it")
@@ -206,6 +225,7 @@ class SglangEngine:
         checkpoint = resolve_checkpoint(model_path)
         config = AutoConfig.from_pretrained(checkpoint)
         self.spec = served_routing_spec(config)
+        check_router_weights(checkpoint)
         self.layout = CaptureLayout.of(config)
         self.flop_model = flop_model_of(config)
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -224,12 +244,20 @@ class SglangEngine:
             self.platform, dtype, max_batch, self.context_length, max_total_tokens, tp_size, sglang_args or {}
         )
         self.max_total_tokens: int | None = args.get("max_total_tokens")  # None: SGLang sizes its pool (GPU)
+        logging.getLogger("sglang.srt.entrypoints.engine").addFilter(_DropNotice())
         try:
-            self.engine = sglang.Engine(model_path=str(checkpoint), log_level="warning", **args)
+            self.engine = sglang.Engine(
+                model_path=str(checkpoint), log_level="warning", custom_sigquit_handler=_launch_phase_sigquit, **args
+            )
         except TypeError as exc:  # an unknown ServerArgs field
             raise ZedaError(f"invalid SGLang engine argument: {exc}") from exc
         except Exception as exc:
-            raise ZedaError(f"SGLang failed to start on {checkpoint}: {type(exc).__name__}: {exc}") from exc
+            from sglang.srt.utils import kill_process_tree
+
+            kill_process_tree(os.getpid(), include_parent=False)
+            raise ZedaError(
+                f"SGLang failed to start on {checkpoint} (its error is in the log above): {type(exc).__name__}: {exc}"
+            ) from exc
         self._hand_on_signals()
 
     @property

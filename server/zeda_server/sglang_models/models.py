@@ -18,6 +18,7 @@ reports for this backend).
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Iterator
 
@@ -37,6 +38,9 @@ from zeda_server.sglang_models.zero_aware import make_zero_aware, routing_spec_o
 allow_host_caches_on_cpu()  # both registration routes import this module in every SGLang process
 
 TIED_HEAD = "lm_head.weight"
+ROUTER_WEIGHT = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.\w+$")
+# The zero rows' logit offset lives on the zero-aware top-k, which applies it.
+ZERO_LOGIT_BIAS_WEIGHT, SERVED_ZERO_LOGIT_BIAS = ".mlp.gate.zero_logit_bias", ".mlp.topk.zero_logit_bias"
 
 
 def per_expert_weights(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -56,9 +60,28 @@ def per_expert_weights(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[
             yield name, tensor
 
 
-def checkpoint_weights(weights: Iterable[tuple[str, torch.Tensor]], tied: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    """What the upstream loader should see: per-expert names, and no ``lm_head`` when it is tied."""
+def checkpoint_weights(
+    weights: Iterable[tuple[str, torch.Tensor]], tied: bool, model: nn.Module
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """What the upstream loader should see: per-expert names, the zero rows' ``gate.zero_logit_bias``
+    under its served name ``topk.zero_logit_bias``, and no ``lm_head`` when it is tied.
+
+    Raises:
+        ZedaError: a router weight (``model.layers.{i}.mlp.gate.*``) of a layer ``model`` holds
+            has no parameter there. The upstream loader skips unknown names without a word,
+            which would serve the model without it (e.g. the zero rows' ``zero_logit_bias``).
+    """
+    params = {name for name, _ in model.named_parameters()}
+    held = range(getattr(model.model, "start_layer", 0), getattr(model.model, "end_layer", len(model.model.layers)))
     for name, tensor in per_expert_weights(weights):
+        router = ROUTER_WEIGHT.match(name)
+        if router:
+            name = name.replace(ZERO_LOGIT_BIAS_WEIGHT, SERVED_ZERO_LOGIT_BIAS)
+            if int(router.group(1)) in held and name not in params:
+                raise ZedaError(
+                    f"checkpoint weight {router.group(0)} has no parameter in the SGLang model: "
+                    "the checkpoint's weights do not match its config"
+                )
         if not (tied and name == TIED_HEAD):
             yield name, tensor
 
@@ -128,7 +151,7 @@ class Qwen3MoeCheckpointForCausalLM(TimedForward, Qwen3MoeForCausalLM):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], is_mtp: bool = False):
         tied = bool(getattr(self.config, "tie_word_embeddings", False))
-        return super().load_weights(checkpoint_weights(weights, tied), is_mtp=is_mtp)
+        return super().load_weights(checkpoint_weights(weights, tied, self), is_mtp=is_mtp)
 
 
 class Qwen3MoePlusPlusForCausalLM(DialledForward, Qwen3MoeCheckpointForCausalLM):
@@ -164,7 +187,7 @@ class Glm4MoeLiteCheckpointForCausalLM(TimedForward, Glm4MoeLiteForCausalLM):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], is_nextn: bool = False):
         tied = bool(getattr(self.config, "tie_word_embeddings", False))
-        return super().load_weights(checkpoint_weights(weights, tied), is_nextn=is_nextn)
+        return super().load_weights(checkpoint_weights(weights, tied, self), is_nextn=is_nextn)
 
 
 class Glm4MoeLitePlusPlusForCausalLM(DialledForward, Glm4MoeLiteCheckpointForCausalLM):

@@ -20,7 +20,7 @@ from sglang.srt.utils import is_cpu
 from torch import nn
 
 from zeda_core.errors import ZedaError
-from zeda_core.routing import route
+from zeda_core.routing import add_to_zero_columns, route
 from zeda_core.spec import RoutingSpec
 from zeda_server.sglang_models.cpu_moe import runs_zero_skipping_cpu_moe
 from zeda_server.sglang_models.dial import OFFSET_PARAMETER, RequestOffsets
@@ -51,6 +51,8 @@ class ZeroAwareTopK(nn.Module):
         request_offsets: the model's per-token request offsets (None: requests carry none).
 
     Attributes:
+        zero_logit_bias: [Z] float32 parameter, the zero rows' logit offset, loaded from the
+            checkpoint's ``mlp.gate.zero_logit_bias`` (see ``models``); None when the spec has none.
         zero_offset: [1] float32 parameter, the server-wide zero offset in logits (0 at load; set
             through SGLang's weight-update API, see ``dial``).
     """
@@ -71,6 +73,10 @@ class ZeroAwareTopK(nn.Module):
         self.topk_config = _CaptureConfig()
         offset = nn.Parameter(torch.zeros(1, dtype=torch.float32), requires_grad=False)
         self.register_parameter(OFFSET_PARAMETER, offset)
+        bias = torch.zeros(spec.num_zero_experts, dtype=torch.float32)
+        self.register_parameter(
+            "zero_logit_bias", nn.Parameter(bias, requires_grad=False) if spec.zero_logit_bias else None
+        )
 
     def zero_offsets(self, num_tokens: int) -> torch.Tensor:
         """[num_tokens] float32: the server-wide offset plus each token's request offset (logits)."""
@@ -81,7 +87,10 @@ class ZeroAwareTopK(nn.Module):
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor, *args, **kwargs) -> StandardTopKOutput:
         """[T, N + Z] router logits -> top-k output whose zero slots are id -1 with weight 0."""
         offsets = self.zero_offsets(router_logits.shape[0])
-        routing = route(router_logits.float(), self.spec, selection_bias=self.correction_bias, zero_offset=offsets)
+        logits = router_logits.float()
+        if self.zero_logit_bias is not None:
+            logits = add_to_zero_columns(logits, self.zero_logit_bias, self.spec.num_experts)
+        routing = route(logits, self.spec, selection_bias=self.correction_bias, zero_offset=offsets)
         ids = routing.topk_ids.to(torch.int32)
         capture_routed_experts_if_allowed(self.topk_config, self.layer_id, ids)  # zero slots still >= N here
         ids, weights = hand_off_zero_slots(ids, routing.topk_weights.float(), self.spec.num_experts)
