@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sqlite3
 import time
@@ -52,13 +53,17 @@ async def _stream(client: httpx.AsyncClient, url: str, index: int, started: asyn
     return {"status": response.status_code, "finish": finish, "error": error, "done": done}
 
 
-async def _streams_then_signal(url: str, process, during_drain) -> tuple[list[dict], dict]:
-    """Start STREAMS streams, SIGTERM the server once they all produce text, probe it while it drains."""
+async def _streams_then_signal(url: str, process, during_drain, group: bool = False) -> tuple[list[dict], dict]:
+    """Start STREAMS streams, SIGTERM the server (``group``: its whole process group, SGLang's subprocesses
+    included, as systemd's default ``KillMode`` does) once they all produce text, probe it while it drains."""
     started, count = asyncio.Event(), [0]
     async with httpx.AsyncClient(timeout=600) as client:
         tasks = [asyncio.create_task(_stream(client, url, i, started, count)) for i in range(STREAMS)]
         await asyncio.wait_for(started.wait(), 300)
-        process.send_signal(signal.SIGTERM)
+        if group:
+            os.killpg(process.pid, signal.SIGTERM)
+        else:
+            process.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.5)
         probes = await during_drain(client, url)
         return list(await asyncio.gather(*tasks)), probes
@@ -76,12 +81,13 @@ async def _probe(client: httpx.AsyncClient, url: str) -> dict:
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("sglang", marks=[*sglang_marks(), pytest.mark.slow])])
 def test_sigterm_drains_every_stream_then_exits_0(backend: str, small_student: Path, tmp_path: Path) -> None:
+    """On SGLang the signal reaches every process of the group: its subprocesses must leave the exit to the server."""
     db = tmp_path / "capture.db"
     flags = ("--backend", backend, "--capture-db", str(db), "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S))
     with server_process(small_student, *flags, startup_timeout=600) as (url, process, log):
         assert httpx.get(f"{url}/ready", timeout=10).json() == {"ready": True, "state": "ready", "in_flight": 0}
         signalled = time.monotonic()
-        streams, probes = asyncio.run(_streams_then_signal(url, process, _probe))
+        streams, probes = asyncio.run(_streams_then_signal(url, process, _probe, group=backend == "sglang"))
         code = process.wait(timeout=SHUTDOWN_TIMEOUT_S)
         log.seek(0)
         output = log.read()

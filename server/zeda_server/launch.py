@@ -46,11 +46,16 @@ def server_process(
     """:func:`running_server` that also yields the process and its log file (to signal it, read its exit).
 
     ``entry``: the interpreter arguments that run the ``zeda`` CLI (a script taking the same arguments).
+    The server runs in a session of its own: its process group (``process.pid``) can be signalled
+    as a whole, as a terminal's Ctrl-C or systemd's default ``KillMode`` signal every process.
     """
     port = free_port()
     command = [sys.executable, *entry, "serve", "--model", str(model), "--port", str(port), *flags]
     with tempfile.TemporaryFile(mode="w+") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        environment = {**os.environ, **(env or {})}
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True
+        )
         try:
             url = _wait_healthy(process, port, log, startup_timeout)
             yield url, process, log

@@ -13,7 +13,9 @@ ZEDA student run the same code. Elsewhere upstream's classes are left alone.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
@@ -107,8 +109,23 @@ def allow_mla_on_torch_native_attention() -> None:
     AttentionBackendRegistry._handlers.setdefault("torch_native", _absorbed_mla)
 
 
+def leave_shutdown_to_the_server() -> None:
+    """In an SGLang subprocess of ``zeda serve``: ignore SIGINT and SIGTERM.
+
+    A terminal's Ctrl-C, ``timeout``, ``kill -- -PGID`` and systemd's default ``KillMode`` signal
+    every process of the group or cgroup, not just ``zeda serve``. Without this the scheduler
+    dies in the middle of a forward and every request in flight fails, while ``zeda serve``
+    drains. The subprocesses still stop: ``zeda serve`` ends them (SIGKILL) after its drain, and
+    each dies with its parent (SGLang sets ``PR_SET_PDEATHSIG``).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def register() -> None:
     """SGLang plugin hook: the ZEDA configs and model classes, keyed by architecture name."""
+    if os.environ.get(SERVE_ENV) == "1" and multiprocessing.parent_process() is not None:
+        leave_shutdown_to_the_server()
     register_configs()
     allow_host_caches_on_cpu()
     from sglang.srt.models.registry import ModelRegistry
