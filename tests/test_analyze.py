@@ -1,5 +1,6 @@
 """``zeda analyze``: per-token figures consistent with served FLOPs, the report in headless Chromium, bad input."""
 
+import base64
 import math
 from pathlib import Path
 
@@ -41,6 +42,14 @@ def test_per_token_compute_matches_the_served_flops(analysis: Analysis, small_da
     for c in analysis.correlations:
         assert -1.0 <= c.rho <= 1.0 and 0.0 <= c.p_value <= 1.0 and not math.isnan(c.rho)
         assert c.n == sum(len(p.tokens) - 1 for p in analysis.prompts)
+
+
+def test_the_plots_are_also_written_as_png_files(analysis: Analysis, tmp_path: Path) -> None:
+    write_analysis(analysis, tmp_path / "analysis.html", figures=tmp_path / "figures")
+    inlined = (tmp_path / "analysis.html").read_text()
+    for name in ("layers", "domains", "correlation"):  # the report's own plots, for a README
+        png = (tmp_path / "figures" / f"{name}.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and base64.b64encode(png).decode() in inlined, name
 
 
 def test_report_renders_offline_in_headless_chromium(analysis: Analysis, tmp_path: Path) -> None:

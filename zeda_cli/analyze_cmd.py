@@ -20,6 +20,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompts", type=Path, required=True, help="JSONL prompt set")
     parser.add_argument("--out", type=Path, default=Path("analysis.html"), help="HTML report to write")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures as JSON")
+    parser.add_argument(
+        "--figures", type=Path, default=None, help="also write the plots as PNG files in this directory"
+    )
     parser.add_argument("--limit", type=int, default=200, help="analyse the first N prompts")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit")
     parser.set_defaults(run=run)
@@ -34,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         if value < 1:
             raise ZedaError(f"{flag} must be >= 1, got {value}")
     analysis = analyze(args.model, args.teacher, args.prompts, args.limit, args.max_new_tokens)
-    write_analysis(analysis, args.out, args.json)
+    write_analysis(analysis, args.out, args.json, args.figures)
     print(f"{len(analysis.prompts)} prompts: expert FLOPs saved {analysis.zero_ratio:.1%} on this traffic")
     for c in analysis.correlations:
         print(f"  compute vs {c.name}: Spearman rho {c.rho:+.3f} (p {p_value_text(c.p_value)}, {c.n} tokens)")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zeda_core.atomic import atomic_write_text
+from zeda_core.atomic import atomic_write_bytes, atomic_write_text
 from zeda_trainer.measure.analyze import Analysis, Correlation, PromptAnalysis
 
 SIGNIFICANCE = 0.05
@@ -125,9 +125,8 @@ def _token_view(items: list[PromptAnalysis], top_k: int) -> str:
     return f"<p class='legend'>real experts used: {legend} (underlined: the model's answer)</p>" + "".join(blocks)
 
 
-def render(analysis: Analysis, view_limit: int = 60) -> str:
-    """The report as one HTML string."""
-    plots = _plots(analysis)
+def render(analysis: Analysis, plots: dict[str, str], view_limit: int = 60) -> str:
+    """The report as one HTML string, with ``plots`` (:func:`_plots`) inlined."""
     saved = f"{analysis.zero_ratio:.1%}"
     cards = [
         ("prompts", str(len(analysis.prompts))),
@@ -172,8 +171,13 @@ as served). The prompts below lose the most quality (mean KL from the teacher ov
 """
 
 
-def write_analysis(analysis: Analysis, out: Path, json_out: Path | None = None) -> None:
-    """The HTML report at ``out`` (and the raw figures as JSON at ``json_out``), atomically."""
-    atomic_write_text(out, render(analysis))
+def write_analysis(analysis: Analysis, out: Path, json_out: Path | None = None, figures: Path | None = None) -> None:
+    """The HTML report at ``out``, the raw figures as JSON at ``json_out``, and the plots as PNG files
+    in directory ``figures`` (``layers.png``, ``domains.png``, ``correlation.png``), each atomically."""
+    plots = _plots(analysis)
+    atomic_write_text(out, render(analysis, plots))
+    if figures is not None:
+        for name, encoded in plots.items():
+            atomic_write_bytes(figures / f"{name.removeprefix('plot-')}.png", base64.b64decode(encoded))
     if json_out is not None:
         atomic_write_text(json_out, json.dumps(asdict(analysis), indent=1) + "\n")
