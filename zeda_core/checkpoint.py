@@ -115,11 +115,11 @@ def load_model(
     if num_zero and not zero_aware:
         raise ZedaError(f"{checkpoint} is a ZEDA checkpoint with {num_zero} zero experts; load it zero-aware")
     model = empty_model(raw, attn_implementation=attn_implementation)
-    spec = inject_zero_experts(model, num_zero, init=None) if zero_aware else None
+    if zero_aware:
+        inject_zero_experts(model, num_zero, init=None)
     set_moe_backend(model, moe_backend, device=device)
+    check_router_weights(checkpoint)
     state = _to_fused_layout(_read_weights(checkpoint), family)
-    if spec is not None:
-        _check_gate_rows(state, spec.num_rows, spec.num_experts, num_zero)
     _assign_weights(model, state, checkpoint)
     if (checkpoint / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(checkpoint)
@@ -152,8 +152,9 @@ def check_router_weights(path_or_id: str | os.PathLike[str]) -> None:
         try:
             with safe_open(shard, framework="pt") as handle:
                 for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
-                    if ROUTER_KEY.search(key):
-                        stored[canonical_key(key, family)] = list(handle.get_slice(key).get_shape())
+                    name = canonical_key(key, family)
+                    if ROUTER_KEY.search(name):
+                        stored[name] = list(handle.get_slice(key).get_shape())
         except Exception as exc:  # safetensors raises its own error types for corrupt files
             raise ZedaError(f"cannot read weights {shard}: {exc}") from exc
     missing, unexpected = sorted(expected.keys() - stored.keys()), sorted(stored.keys() - expected.keys())
@@ -272,14 +273,6 @@ def _to_fused_layout(state: dict[str, torch.Tensor], family: MoeFamily) -> dict[
         )
         fused[f"{prefix}.down_proj"] = torch.stack([parts[(down_name, e)] for e in range(num)])
     return fused
-
-
-def _check_gate_rows(state: dict[str, torch.Tensor], rows: int, num_experts: int, num_zero: int) -> None:
-    for key, tensor in state.items():
-        if key.endswith("mlp.gate.weight") and tensor.shape[0] != rows:
-            raise ZedaError(
-                f"{key} has {tensor.shape[0]} rows but the config says N={num_experts} + Z={num_zero} = {rows}"
-            )
 
 
 def _assign_weights(model: nn.Module, state: dict[str, torch.Tensor], checkpoint: Path) -> None:
