@@ -118,7 +118,6 @@ def load_model(
     if zero_aware:
         inject_zero_experts(model, num_zero, init=None)
     set_moe_backend(model, moe_backend, device=device)
-    check_router_weights(checkpoint)
     state = _to_fused_layout(_read_weights(checkpoint), family)
     _assign_weights(model, state, checkpoint)
     if (checkpoint / "generation_config.json").is_file():

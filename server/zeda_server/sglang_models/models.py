@@ -18,16 +18,17 @@ reports for this backend).
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterable, Iterator
 
 import torch
+from sglang.srt.layers.utils import get_layer_id
 from sglang.srt.models.glm4_moe_lite import Glm4MoeLiteForCausalLM, Glm4MoeLiteSparseMoeBlock
 from sglang.srt.models.qwen3_moe import Qwen3MoeForCausalLM, Qwen3MoeSparseMoeBlock
 from sglang.srt.utils import is_cpu
 from torch import nn
 
+from zeda_core.checkpoint import ROUTER_KEY
 from zeda_core.errors import ZedaError
 from zeda_server.sglang_models.cpu_moe import use_zero_skipping_cpu_moe
 from zeda_server.sglang_models.dial import RequestOffsets
@@ -38,7 +39,6 @@ from zeda_server.sglang_models.zero_aware import make_zero_aware, routing_spec_o
 allow_host_caches_on_cpu()  # both registration routes import this module in every SGLang process
 
 TIED_HEAD = "lm_head.weight"
-ROUTER_WEIGHT = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.\w+$")
 # The zero rows' logit offset lives on the zero-aware top-k, which applies it.
 ZERO_LOGIT_BIAS_WEIGHT, SERVED_ZERO_LOGIT_BIAS = ".mlp.gate.zero_logit_bias", ".mlp.topk.zero_logit_bias"
 
@@ -73,15 +73,13 @@ def checkpoint_weights(
     """
     params = {name for name, _ in model.named_parameters()}
     held = range(getattr(model.model, "start_layer", 0), getattr(model.model, "end_layer", len(model.model.layers)))
-    for name, tensor in per_expert_weights(weights):
-        router = ROUTER_WEIGHT.match(name)
-        if router:
-            name = name.replace(ZERO_LOGIT_BIAS_WEIGHT, SERVED_ZERO_LOGIT_BIAS)
-            if int(router.group(1)) in held and name not in params:
-                raise ZedaError(
-                    f"checkpoint weight {router.group(0)} has no parameter in the SGLang model: "
-                    "the checkpoint's weights do not match its config"
-                )
+    for stored, tensor in per_expert_weights(weights):
+        name = stored.replace(ZERO_LOGIT_BIAS_WEIGHT, SERVED_ZERO_LOGIT_BIAS)
+        if ROUTER_KEY.search(stored) and get_layer_id(stored) in held and name not in params:
+            raise ZedaError(
+                f"checkpoint weight {stored} has no parameter in the SGLang model: "
+                "the checkpoint's weights do not match its config"
+            )
         if not (tied and name == TIED_HEAD):
             yield name, tensor
 
